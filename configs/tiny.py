@@ -1,0 +1,20 @@
+"""A tiny pixel-space model that trains on the built-in synthetic data on one CPU.
+
+  jaxvid train --config configs/tiny.py --workdir runs/tiny
+  jaxvid sample --workdir runs/tiny --prompt "a red circle moving left on a gray background" --output runs/tiny/samples
+"""
+
+from jaxvid import config as config_lib
+
+
+def get_config(arg: str = ""):
+  del arg
+  c = config_lib.base_config()
+  c.video.update(frames=8, height=32, width=32, channels=3, fps=8)
+  c.model.update(patch=(2, 4, 4), width=128, depth=4, heads=4, mlp_dim=512, dtype="float32")
+  c.text.update(max_len=64, width=64, depth=2, heads=4, mlp_dim=256)
+  c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.999)
+  c.train.update(steps=2000, batch_size=8, log_every=50)
+  c.checkpoint.update(every=500, keep=2)
+  c.sample.update(steps=20, guidance=4.0, batch_size=16)
+  return c

@@ -1,0 +1,3 @@
+from jaxvid.cli import main
+import sys
+sys.exit(main())

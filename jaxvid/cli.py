@@ -1,0 +1,93 @@
+"""The `jaxvid` command: parse, build the config, call train or sample.
+
+Exit status: 0 done, 2 bad input (one line naming the problem and the fix), 1 anything else.
+"""
+
+import argparse
+import logging
+import sys
+import traceback
+import warnings
+
+from jaxvid.errors import UserError
+
+USAGE = """\
+jaxvid train  --config PATH[:ARG] --workdir DIR [--config.KEY=VALUE ...]
+jaxvid sample --workdir DIR (--prompt TEXT | --prompts FILE) --output DIR [--config.KEY=VALUE ...] [--step N]"""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="jaxvid", usage=USAGE, description="Train and sample text-to-video diffusion transformers.")
+  p.add_argument("--verbose", action="store_true", help="show tracebacks and library logs")
+  sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+  t = sub.add_parser("train", help="train a model (resumes if WORKDIR has checkpoints)")
+  t.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py or configs/dit.py:B")
+  t.add_argument("--workdir", required=True, help="run directory: config.json, metrics, checkpoints")
+
+  s = sub.add_parser("sample", help="generate videos from prompts with a trained run")
+  s.add_argument("--workdir", required=True, help="a run directory written by `jaxvid train`")
+  group = s.add_mutually_exclusive_group(required=True)
+  group.add_argument("--prompt", help="one prompt")
+  group.add_argument("--prompts", help=".jsonl ({\"prompt\", \"id\"?, \"seed\"?, \"negative_prompt\"?}) or .txt")
+  s.add_argument("--output", required=True, help="output folder: ID.mp4, ID.json, manifest.jsonl, index.html")
+  s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+  for command in (t, s):
+    command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+  return p
+
+
+def _setup_logging(verbose: bool) -> None:
+  # imageio-ffmpeg starts ffmpeg with fork+exec, which is safe; JAX warns about any fork.
+  warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+  logging.basicConfig(level=logging.INFO, format="jaxvid: %(message)s", stream=sys.stderr, force=True)
+  if not verbose:
+    import absl.logging  # orbax and grain log through absl
+    absl.logging.set_verbosity(absl.logging.WARNING)
+    for name in ("absl", "orbax", "grain", "jax"):
+      logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run(argv: list[str]) -> None:
+  args, rest = _parser().parse_known_args(argv)
+  overrides = [a for a in rest if a.startswith("--config.")]
+  unknown = [a for a in rest if not a.startswith("--config.")]
+  if unknown:
+    raise UserError(f"jaxvid {args.command}: unrecognized arguments {' '.join(unknown)} (see jaxvid --help)")
+  _setup_logging(args.verbose)
+
+  from jaxvid import config as config_lib  # heavy imports after parsing, so --help is fast
+  if args.command == "train":
+    from jaxvid.train import loop
+    loop.train(config_lib.load(args.config, overrides), args.workdir)
+  elif args.command == "sample":
+    from jaxvid.sample import job
+    cfg = job.load_run_config(args.workdir, overrides)
+    items = job.single_prompt(args.prompt, cfg) if args.prompt is not None else job.read_prompts(args.prompts, cfg)
+    job.sample(cfg, args.workdir, items, args.output, step=args.step)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  verbose = "--verbose" in argv
+  try:
+    run(argv)
+  except UserError as e:
+    if verbose:
+      traceback.print_exc()
+    print(f"jaxvid: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("jaxvid: interrupted", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

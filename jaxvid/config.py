@@ -1,0 +1,304 @@
+"""Configs: the full default tree, loading `configs/*.py`, command-line overrides, checks.
+
+Every config file in `configs/` starts from `base_config()` and changes what it needs, so
+all configs share one set of keys. A config is locked: an unknown key is an error.
+
+  cfg = load("configs/dit.py:B", ["--config.train.steps=50"])
+  validate(cfg, num_devices=jax.device_count())
+"""
+
+import ast
+import hashlib
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from jaxvid.errors import UserError
+
+ConfigDict = ml_collections.ConfigDict
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DATA_SOURCES = ("synthetic", "files", "latents")
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+
+def base_config() -> ConfigDict:
+  """Every key jaxvid knows, with defaults. Config files override a few of them."""
+  c = ConfigDict()
+  c.seed = 0
+
+  # The clip the model sees: frames, height, width, channels (3 in pixel space).
+  c.video = ConfigDict(dict(frames=16, height=64, width=64, channels=3, fps=8))
+
+  c.model = ConfigDict()
+  c.model.name = "dit"
+  c.model.patch = (1, 2, 2)        # (t, h, w) patch size
+  c.model.width = 384              # D
+  c.model.depth = 12
+  c.model.heads = 6
+  c.model.mlp_dim = 1536
+  c.model.freq_dim = 256           # sinusoidal timestep features
+  c.model.rope_theta = 10000.0
+  c.model.qk_norm = True           # RMS norm on queries and keys (across heads, as in Wan)
+  c.model.cross_attn_norm = True   # affine LayerNorm before cross-attention (as in Wan)
+  c.model.eps = 1e-6
+  c.model.param_dtype = "float32"
+  c.model.dtype = "bfloat16"       # compute dtype
+  c.model.remat = "none"           # one of REMAT_POLICIES
+  c.model.attention = "xla"        # jax.nn.dot_product_attention
+
+  # Text encoder: byte-level, trained jointly (see jaxvid/models/text.py).
+  c.text = ConfigDict()
+  c.text.encoder = "bytes"
+  c.text.max_len = 64              # tokens, including the leading BOS
+  c.text.width = 128
+  c.text.depth = 2
+  c.text.heads = 4
+  c.text.mlp_dim = 512
+  c.text.drop_rate = 0.1           # caption dropout for classifier-free guidance
+
+  # Rectified flow: x_t = (1 - t) x_0 + t noise, the model predicts noise - x_0.
+  c.flow = ConfigDict()
+  c.flow.timestep = "logit_normal"  # or "uniform"
+  c.flow.logit_mean = 0.0
+  c.flow.logit_std = 1.0
+  c.flow.shift = 0.0               # > 0: fixed shift; 0: grows with the token count
+  c.flow.shift_base = 0.5          # log-shift at shift_base_tokens ...
+  c.flow.shift_max = 1.15          # ... and at shift_max_tokens, interpolated linearly
+  c.flow.shift_base_tokens = 256
+  c.flow.shift_max_tokens = 4096
+
+  c.optim = ConfigDict()
+  c.optim.lr = 3e-4
+  c.optim.warmup_steps = 100
+  c.optim.min_lr_ratio = 0.1       # cosine decays to lr * min_lr_ratio
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.grad_clip = 1.0
+  c.optim.ema_decay = 0.999
+
+  c.train = ConfigDict(dict(steps=1000, batch_size=8, log_every=50))
+  c.checkpoint = ConfigDict(dict(every=500, keep=3))
+
+  c.data = ConfigDict()
+  c.data.source = "synthetic"
+  c.data.manifest = ""
+  c.data.store = ""
+  c.data.split = "train"           # synthetic: "train" holds out some captions, "all" does not
+  c.data.workers = 0               # grain worker processes (0: in the main process)
+  c.data.prefetch = 2              # batches buffered ahead
+
+  # Mesh axis sizes; -1 takes the remaining devices. The product must equal the device count.
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
+  # Logical axis -> mesh axes ("" replicates; "a,b" shards over both). See parallel/sharding.py.
+  c.sharding = ConfigDict(dict(
+      batch="data,fsdp", length="sequence", act_embed="", act_heads="tensor",
+      embed="fsdp", heads="tensor", mlp="tensor", kv="", layers="", vocab=""))
+
+  c.sample = ConfigDict()
+  c.sample.steps = 30
+  c.sample.guidance = 4.0
+  c.sample.seed = 0
+  c.sample.sampler = "euler"
+  c.sample.negative_prompt = ""
+  c.sample.batch_size = 8
+  c.sample.use_ema = True
+  return c
+
+
+def load(spec: str, overrides: list[str] = ()) -> ConfigDict:
+  """Loads `PATH[:ARG]`, applies `--config.KEY=VALUE` overrides and locks the result."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"config file {path!r} not found; pass --config configs/tiny.py or another file")
+  module_spec = importlib.util.spec_from_file_location("jaxvid_user_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # A user's config file: show what broke, in one line.
+    raise UserError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise UserError(f"config file {path} has no get_config(arg) function")
+  try:
+    cfg = module.get_config(arg) if arg else module.get_config()
+  except (KeyError, ValueError, TypeError) as e:
+    raise UserError(f"config {spec!r}: {e}") from e
+  cfg = ConfigDict(cfg)
+  cfg.lock()
+  apply_overrides(cfg, overrides)
+  return cfg
+
+
+def apply_overrides(cfg: ConfigDict, overrides: list[str]) -> None:
+  """Applies `--config.a.b=value` (or `config.a.b=value`) strings in place."""
+  for item in overrides:
+    key, eq, raw = item.removeprefix("--").removeprefix("config.").partition("=")
+    if not eq:
+      raise UserError(f"override {item!r} has no value; write --config.{key}=VALUE")
+    parent, _, leaf = key.rpartition(".")
+    node = cfg
+    for part in parent.split(".") if parent else ():
+      if not isinstance(node, ConfigDict) or part not in node:
+        raise UserError(f"unknown config key {key!r} in {item!r}; see config.json of a run for all keys")
+      node = node[part]
+    if not isinstance(node, ConfigDict) or leaf not in node or isinstance(node[leaf], ConfigDict):
+      raise UserError(f"unknown config key {key!r} in {item!r}; see config.json of a run for all keys")
+    node[leaf] = _parse(key, raw, node[leaf])
+
+
+def _parse(key: str, raw: str, current):
+  """Parses `raw` into the type of the field's current value."""
+  want = type(current)
+  if want is str:
+    return raw
+  if want is bool:
+    if raw.lower() in ("true", "1", "yes"):
+      return True
+    if raw.lower() in ("false", "0", "no"):
+      return False
+    raise UserError(f"--config.{key}={raw}: expected true or false")
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  if want is float and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+    if current and not all(isinstance(v, type(current[0])) for v in value):
+      raise UserError(f"--config.{key}={raw}: expected a tuple of {type(current[0]).__name__}")
+    return type(current)(value)
+  if type(value) is not want or (want is int and isinstance(value, bool)):
+    raise UserError(f"--config.{key}={raw}: expected {want.__name__}, got {type(value).__name__}")
+  return value
+
+
+def mesh_shape(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
+  """Resolves `-1` in `cfg.mesh` and checks the product against the device count."""
+  sizes = {a: int(cfg.mesh[a]) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+    raise UserError(f"mesh {sizes}: sizes must be positive, with at most one -1")
+  fixed = 1
+  for a, s in sizes.items():
+    fixed *= 1 if s == -1 else s
+  if free:
+    if num_devices % fixed:
+      raise UserError(f"mesh {sizes} cannot fill {num_devices} devices: {fixed} does not divide it")
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise UserError(f"mesh {sizes} has {fixed} devices but {num_devices} are present; "
+                    f"set --config.mesh.data=-1 to fill them")
+  return sizes
+
+
+def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
+  """Checks constraints between fields; the error says which key to change.
+
+  `train` adds the checks that only training needs (the batch must split over the mesh).
+  """
+  v, m = cfg.video, cfg.model
+  if len(m.patch) != 3 or min(m.patch) < 1:
+    raise UserError(f"model.patch={m.patch} must be three positive sizes (t, h, w)")
+  for name, size, p in (("frames", v.frames, m.patch[0]), ("height", v.height, m.patch[1]),
+                        ("width", v.width, m.patch[2])):
+    if size < 1 or size % p:
+      raise UserError(f"video.{name}={size} is not divisible by its patch size {p} (model.patch={m.patch})")
+  if m.width % m.heads:
+    raise UserError(f"model.heads={m.heads} does not divide model.width={m.width}")
+  if (m.width // m.heads) % 2 or m.width // m.heads < 6:
+    raise UserError(f"head dim model.width/model.heads={m.width // m.heads} must be even and >= 6 "
+                    "for 3D rotary embeddings")
+  if cfg.text.width % cfg.text.heads:
+    raise UserError(f"text.heads={cfg.text.heads} does not divide text.width={cfg.text.width}")
+  if cfg.text.max_len < 2:
+    raise UserError(f"text.max_len={cfg.text.max_len} must be at least 2")
+  for key in ("param_dtype", "dtype"):
+    if m[key] not in DTYPES:
+      raise UserError(f"model.{key}={m[key]!r} must be one of {DTYPES}")
+  if m.remat not in REMAT_POLICIES:
+    raise UserError(f"model.remat={m.remat!r} must be one of {REMAT_POLICIES}")
+  if cfg.flow.timestep not in ("logit_normal", "uniform"):
+    raise UserError(f"flow.timestep={cfg.flow.timestep!r} must be 'logit_normal' or 'uniform'")
+  if not 0.0 <= cfg.text.drop_rate < 1.0:
+    raise UserError(f"text.drop_rate={cfg.text.drop_rate} must be in [0, 1)")
+  if cfg.data.source not in DATA_SOURCES:
+    raise UserError(f"data.source={cfg.data.source!r} must be one of {DATA_SOURCES}")
+  if cfg.data.source != "synthetic":
+    raise UserError(f"data.source={cfg.data.source!r} is not supported by this version of jaxvid yet; "
+                    "use data.source=synthetic")
+  if cfg.data.split not in ("train", "heldout", "all"):
+    raise UserError(f"data.split={cfg.data.split!r} must be 'train', 'heldout' or 'all'")
+  for key in ("steps", "batch_size", "log_every"):
+    if cfg.train[key] < 1:
+      raise UserError(f"train.{key}={cfg.train[key]} must be at least 1")
+  if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
+    raise UserError("checkpoint.every and checkpoint.keep must be at least 1")
+  if cfg.sample.steps < 1 or cfg.sample.batch_size < 1:
+    raise UserError("sample.steps and sample.batch_size must be at least 1")
+  if cfg.sample.sampler != "euler":
+    raise UserError(f"sample.sampler={cfg.sample.sampler!r}: only 'euler' is available")
+  sizes = mesh_shape(cfg, num_devices)
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  if train and cfg.train.batch_size % batch_shards:
+    raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                    f"mesh.data*mesh.fsdp={batch_shards}")
+  if m.heads % sizes["tensor"]:
+    raise UserError(f"model.heads={m.heads} is not divisible by mesh.tensor={sizes['tensor']}")
+  if num_tokens(cfg) % sizes["sequence"]:
+    raise UserError(f"{num_tokens(cfg)} tokens per clip are not divisible by mesh.sequence={sizes['sequence']}")
+
+
+def num_tokens(cfg: ConfigDict) -> int:
+  """Spacetime patches per clip: (T/pt) (H/ph) (W/pw)."""
+  pt, ph, pw = cfg.model.patch
+  return (cfg.video.frames // pt) * (cfg.video.height // ph) * (cfg.video.width // pw)
+
+
+def to_json(cfg: ConfigDict) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ConfigDict:
+  """Rebuilds a locked config from `to_json` output, on top of today's defaults."""
+  cfg = base_config()
+  _update(cfg, json.loads(text))
+  cfg.lock()
+  return cfg
+
+
+def _update(node: ConfigDict, values: dict) -> None:
+  for k, v in values.items():
+    if k not in node:
+      raise UserError(f"saved config has key {k!r} that this jaxvid does not know")
+    if isinstance(node[k], ConfigDict):
+      _update(node[k], v)
+    else:
+      node[k] = tuple(v) if isinstance(node[k], tuple) else v
+
+
+def model_hash(cfg: ConfigDict) -> str:
+  """Hash of what fixes the parameters: a checkpoint only fits a model with the same hash."""
+  return hashlib.sha256(json.dumps(_model_keys(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _model_keys(cfg: ConfigDict) -> dict:
+  """The flat {key: value} that fixes the parameters (not how the model runs)."""
+  keys = {f"model.{k}": v for k, v in cfg.model.items() if k not in ("dtype", "remat", "attention")}
+  keys.update({f"text.{k}": v for k, v in cfg.text.items() if k != "drop_rate"})
+  keys["video.channels"] = cfg.video.channels
+  return keys
+
+
+def model_diffs(saved: ConfigDict, cfg: ConfigDict) -> str:
+  """Which parameter-fixing keys differ, for error messages."""
+  a, b = _model_keys(saved), _model_keys(cfg)
+  diffs = [f"{k}: saved {a[k]}, now {b[k]}" for k in a if a[k] != b[k]]
+  return "; ".join(diffs[:4]) or "different parameters"
+
+
+def config_hash(cfg: ConfigDict) -> str:
+  return hashlib.sha256(to_json(cfg).encode()).hexdigest()[:12]

@@ -1,0 +1,142 @@
+"""The spacetime diffusion transformer (DiT), laid out like Wan 2.1's transformer.
+
+  video [B, T, H, W, C] --3D patches--> tokens [B, N, D], N = (T/pt)(H/ph)(W/pw)
+  text tokens [B, L] --byte encoder + MLP--> context [B, L, D]
+  flow time t [B] --sinusoid + MLP--> temb [B, D] --SiLU + Linear--> 6 modulations [B, 6, D]
+  depth x block (scanned):  adaLN(self-attention with 3D RoPE and RMS QK-norm)
+                            + cross-attention to the text + adaLN(GELU MLP)
+  final adaLN + Linear --unpatchify--> velocity [B, T, H, W, C]
+
+Each block adds its own learned offsets [6, D] to the shared modulations (Wan's
+`scale_shift_table`); modulation, gates and the output layer start at zero (adaLN-zero), so
+the untrained network is the identity on its token stream. Parameter names follow the
+diffusers `WanTransformer3DModel` so that importing its weights is a mapping of names and
+reshapes (the patch embedding there is a Conv3d with kernel = stride = patch).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import ml_collections
+
+from jaxvid.models import attention, layers, rope, text
+from jaxvid.parallel import sharding as sh
+
+REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def patchify(x: jax.Array, patch: tuple[int, int, int]) -> jax.Array:
+  """[B, T, H, W, C] -> [B, N, pt*ph*pw*C], tokens in (t, h, w) raster order."""
+  b, t, h, w, c = x.shape
+  pt, ph, pw = patch
+  x = x.reshape(b, t // pt, pt, h // ph, ph, w // pw, pw, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+  return x.reshape(b, (t // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
+
+
+def unpatchify(x: jax.Array, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> jax.Array:
+  """[B, N, pt*ph*pw*C] -> [B, T, H, W, C] (inverse of `patchify`)."""
+  b = x.shape[0]
+  (gt, gh, gw), (pt, ph, pw) = grid, patch
+  x = x.reshape(b, gt, gh, gw, pt, ph, pw, -1)
+  x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return x.reshape(b, gt * pt, gh * ph, gw * pw, -1)
+
+
+class Block(nnx.Module):
+  """One transformer block on x [B, N, D], modulated by e [B, 6, D]."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, dtype, param_dtype, rngs: nnx.Rngs):
+    m = cfg.model
+    d = m.width
+    kw = dict(param_dtype=param_dtype, rngs=rngs)
+    attn = lambda: attention.Attention(d, m.heads, qk_norm=m.qk_norm, eps=m.eps, backend=m.attention,
+                                       dtype=dtype, **kw)
+    self.norm1 = layers.layer_norm(d, eps=m.eps, affine=False, **kw)
+    self.attn1 = attn()
+    self.norm2 = layers.layer_norm(d, eps=m.eps, affine=m.cross_attn_norm, **kw)
+    self.attn2 = attn()
+    self.norm3 = layers.layer_norm(d, eps=m.eps, affine=False, **kw)
+    self.ffn = layers.MLP(d, m.mlp_dim, dtype=dtype, **kw)
+    self.scale_shift_table = nnx.Param(jnp.zeros((6, d), param_dtype), sharding=(None, sh.EMBED))
+
+  def __call__(self, x: jax.Array, e: jax.Array, angles: jax.Array, context: jax.Array,
+               context_mask: jax.Array) -> jax.Array:
+    """x [B, N, D] float32, e [B, 6, D], angles [N, K/2], context [B, L, D] -> [B, N, D]."""
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
+        e + self.scale_shift_table[None].astype(jnp.float32), 6, axis=1)   # each [B, 1, D]
+    h = self.norm1(x) * (1 + scale1) + shift1
+    x = x + gate1 * self.attn1(h, angles=angles)
+    x = x + self.attn2(self.norm2(x), context=context, kv_mask=context_mask)
+    h = self.norm3(x) * (1 + scale2) + shift2
+    x = x + gate2 * self.ffn(h)
+    return sh.constrain(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
+
+
+class DiT(nnx.Module):
+  """Velocity model v(x_t, t, text): see the module docstring for the data flow."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    m = cfg.model
+    d, self.patch = m.width, tuple(m.patch)
+    self.heads, self.freq_dim, self.rope_theta = m.heads, m.freq_dim, m.rope_theta
+    self.remat = m.remat
+    dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    patch_dim = self.patch[0] * self.patch[1] * self.patch[2] * cfg.video.channels
+
+    self.text_encoder = text.make_encoder(cfg, dtype, param_dtype, rngs)
+    self.patch_embedding = layers.dense(patch_dim, d, (None, sh.EMBED), **kw)
+    self.text_embedding_1 = layers.dense(cfg.text.width, d, (None, sh.EMBED), **kw)
+    self.text_embedding_2 = layers.dense(d, d, (sh.MLP, sh.EMBED), **kw)
+    self.time_embedding_1 = layers.dense(m.freq_dim, d, (None, sh.EMBED), **kw)
+    self.time_embedding_2 = layers.dense(d, d, (sh.MLP, sh.EMBED), **kw)
+    self.time_projection = layers.dense(d, 6 * d, (sh.EMBED, sh.MLP), zero_init=True, **kw)
+
+    @nnx.split_rngs(splits=m.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: sh.LAYERS})
+    def make_blocks(rngs: nnx.Rngs) -> Block:
+      return Block(cfg, dtype, param_dtype, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.norm_out = layers.layer_norm(d, eps=m.eps, affine=False, param_dtype=param_dtype, rngs=rngs)
+    self.scale_shift_table = nnx.Param(jnp.zeros((2, d), param_dtype), sharding=(None, sh.EMBED))
+    self.proj_out = layers.dense(d, patch_dim, (sh.EMBED, None), zero_init=True, **kw)
+
+  def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """tokens int32 [B, L] -> (text embeddings [B, L, text.width], mask bool [B, L])."""
+    return self.text_encoder(tokens)
+
+  def __call__(self, x: jax.Array, t: jax.Array, text_emb: jax.Array, text_mask: jax.Array) -> jax.Array:
+    """x [B, T, H, W, C], t [B] in [0, 1], text_emb [B, L, Wt], text_mask [B, L] -> v [B, T, H, W, C]."""
+    b, frames, height, width, _ = x.shape
+    grid = (frames // self.patch[0], height // self.patch[1], width // self.patch[2])
+    tokens = self.patch_embedding(patchify(x, self.patch)).astype(jnp.float32)     # [B, N, D]
+    tokens = sh.constrain(tokens, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
+    context = self.text_embedding_2(jax.nn.gelu(self.text_embedding_1(text_emb), approximate=True))
+    temb = self.time_embedding_2(jax.nn.silu(self.time_embedding_1(layers.timestep_features(t, self.freq_dim))))
+    e = self.time_projection(jax.nn.silu(temb)).astype(jnp.float32).reshape(b, 6, -1)   # [B, 6, D]
+    angles = rope.rope_angles(grid, tokens.shape[-1] // self.heads, self.rope_theta)   # [N, K/2]
+
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(h, block_state):
+      block = nnx.merge(graphdef, block_state)
+      return block(h, e, angles, context, text_mask), None
+
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT[self.remat], prevent_cse=False)
+    tokens, _ = jax.lax.scan(body, tokens, stacked)
+
+    shift, scale = jnp.split(self.scale_shift_table[None].astype(jnp.float32)
+                             + temb.astype(jnp.float32)[:, None], 2, axis=1)    # [B, 1, D] each
+    out = self.proj_out(self.norm_out(tokens) * (1 + scale) + shift)
+    return unpatchify(out.astype(jnp.float32), grid, self.patch)
+
+
+def build(cfg: ml_collections.ConfigDict, seed: int = 0) -> DiT:
+  return DiT(cfg, nnx.Rngs(params=seed))

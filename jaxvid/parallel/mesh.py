@@ -1,0 +1,31 @@
+"""The device mesh: named axes (data, fsdp, tensor, sequence) sized by `config.mesh`."""
+
+import jax
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+
+from jaxvid import config as config_lib
+from jaxvid.parallel import sharding
+
+
+def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """A Mesh over all devices (or `devices`) with axes `config.MESH_AXES`."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = config_lib.mesh_shape(cfg, len(devices))
+  shape = tuple(sizes[a] for a in config_lib.MESH_AXES)
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):  # no topology-aware layout: keep order
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, config_lib.MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh, rules: sharding.Rules, ndim: int) -> NamedSharding:
+  """Sharding of a batch: leading axis over the batch axes, the rest replicated."""
+  return NamedSharding(mesh, sharding.logical_to_spec((sharding.BATCH,) + (None,) * (ndim - 1), rules, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,95 @@
+"""Orbax checkpoints of a run: WORKDIR/checkpoints/<step>/{state, data, config}.
+
+  state   the TrainState (params, optimizer state, EMA, step), restored straight into its
+          target shardings (no gather to one host)
+  data    the grain iterator state, so a resumed run sees the batches it would have seen
+  config  the run's resolved config as JSON
+
+Saving is asynchronous: training continues while a checkpoint is written. Orbax writes each
+step to a temporary folder and renames it when complete, so an interrupted save is never
+picked for resume.
+"""
+
+import json
+import os
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from jaxvid import config as config_lib
+from jaxvid.errors import UserError
+
+
+def with_shardings(abstract, shardings):
+  """ShapeDtypeStructs that carry their target sharding, for restoring in place."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+class Checkpointer:
+  """One CheckpointManager per run directory."""
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=async_save),
+        item_names=("state", "data", "config"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iterator, cfg: ml_collections.ConfigDict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(cfg.to_dict())), force=True)
+
+  def saved_config(self, step: int) -> ml_collections.ConfigDict:
+    """The config stored with `step`."""
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises many types for unreadable folders.
+      raise UserError(f"checkpoint {self.directory}/{step} cannot be read ({type(e).__name__}: {e}); "
+                      "it is corrupt or not a jaxvid checkpoint") from e
+    return config_lib.from_json(json.dumps(restored.config))
+
+  def check_compatible(self, step: int, cfg: ml_collections.ConfigDict) -> None:
+    saved = self.saved_config(step)
+    if config_lib.model_hash(saved) != config_lib.model_hash(cfg):
+      diffs = config_lib.model_diffs(saved, cfg)
+      raise UserError(f"{self.directory}/{step} holds a different model ({diffs}); "
+                      "use a new --workdir or the same model config")
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """Restores the state (and the data iterator, if given) saved at `step`."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise UserError(f"checkpoint {self.directory}/{step} does not match this model: {e}") from e
+
+  def restore_params(self, step: int, abstract_params, which: str = "ema"):
+    """Restores only `which` ("ema" or "params") of the state at `step`, in place."""
+    args = ocp.args.PyTreeRestore(
+        item={which: abstract_params},
+        restore_args={which: ocp.checkpoint_utils.construct_restore_args(abstract_params)},
+        partial_restore=True)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(state=args)).state
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise UserError(f"checkpoint {self.directory}/{step} does not match this model: {e}") from e
+    return restored[which]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

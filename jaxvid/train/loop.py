@@ -1,0 +1,118 @@
+"""The trainer, top to bottom: mesh, input, model and state, step, checkpoint, loop.
+
+  jaxvid train --config configs/tiny.py --workdir runs/tiny
+"""
+
+import json
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+import tqdm
+
+from jaxvid import config as config_lib
+from jaxvid.data import pipeline
+from jaxvid.errors import UserError
+from jaxvid.parallel import mesh as mesh_lib
+from jaxvid.parallel import sharding
+from jaxvid.train import checkpoint as ckpt_lib
+from jaxvid.train import metrics as metrics_lib
+from jaxvid.train import state as state_lib
+from jaxvid.train import step as step_lib
+
+log = logging.getLogger("jaxvid")
+
+
+def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> ckpt_lib.Checkpointer:
+  """Checks that `workdir` is new or holds this model, then writes config.json.
+
+  Nothing in an existing workdir is touched before the checks pass.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir} exists and is not a directory")
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      try:
+        saved = config_lib.from_json(f.read())
+      except (ValueError, UserError) as e:
+        raise UserError(f"{config_path} is not a jaxvid config ({e}); use a new --workdir") from e
+    if config_lib.model_hash(saved) != config_lib.model_hash(cfg):
+      raise UserError(f"{workdir} holds a run of a different model ({config_lib.model_diffs(saved, cfg)}); "
+                      "use a new --workdir or the same model config")
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.checkpoint.keep)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    checkpointer.check_compatible(latest, cfg)
+  if jax.process_index() == 0:
+    with open(config_path + ".tmp", "w") as f:
+      f.write(config_lib.to_json(cfg))
+    os.replace(config_path + ".tmp", config_path)
+  return checkpointer
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  config_lib.validate(cfg, jax.device_count(), train=True)
+  checkpointer = prepare_workdir(cfg, workdir)
+
+  # Mesh and input.
+  mesh = mesh_lib.make_mesh(cfg)
+  rules = sharding.rules_from_config(cfg)
+  loader = pipeline.Loader(cfg, mesh, rules)
+  log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+
+  # Model, optimizer and state: created sharded, or restored in place.
+  tx, schedule = state_lib.make_optimizer(cfg)
+  graphdef, init, abstract = state_lib.abstract_state(cfg, tx)
+  shardings = state_lib.state_shardings(abstract, mesh, rules)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    state = state_lib.create(init, shardings)
+  else:
+    state = checkpointer.restore(latest, ckpt_lib.with_shardings(abstract, shardings), loader.iterator)
+    log.info("resumed from %s/%d", checkpointer.directory, latest)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  tokens = config_lib.num_tokens(cfg)
+  log.info("model: %.2fM parameters, %d tokens per clip, flow shift %.2f",
+           num_params / 1e6, tokens, step_lib.flow_lib.resolve_shift(cfg))
+
+  # The step, compiled ahead of time.
+  batch_shardings = loader.shardings(pipeline.batch_spec(cfg))
+  t0 = time.time()
+  train_step = step_lib.compile_train_step(
+      step_lib.make_train_step(cfg, graphdef, tx, schedule), mesh, rules, shardings, batch_shardings
+  ).lower(state, pipeline.batch_spec(cfg)).compile()
+  log.info("compiled the train step in %.1f s", time.time() - t0)
+
+  # The loop.
+  start, total = int(state.step), cfg.train.steps
+  if start >= total:
+    log.info("already at step %d of train.steps=%d: nothing to do", start, total)
+    checkpointer.close()
+    return
+  writer = metrics_lib.MetricsWriter(workdir)
+  bar = tqdm.tqdm(initial=start, total=total, desc="train", unit="step", dynamic_ncols=True,
+                  disable=jax.process_index() != 0)
+  last_time, last_step = time.time(), start
+  for step in range(start, total):
+    state, metrics = train_step(state, next(loader))
+    done = step + 1
+    if done % cfg.train.log_every == 0 or done == total:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      now = time.time()
+      steps_per_sec = (done - last_step) / (now - last_time)
+      last_time, last_step = now, done
+      metrics.update(steps_per_sec=steps_per_sec, tokens_per_sec=steps_per_sec * tokens * cfg.train.batch_size)
+      writer.write(done, metrics)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_per_s=f"{steps_per_sec:.2f}")
+    if done % cfg.checkpoint.every == 0 or done == total:
+      checkpointer.save(done, state, loader.iterator, cfg)
+    bar.update(1)
+  bar.close()
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  log.info("done: step %d, checkpoints in %s", total, checkpointer.directory)

@@ -1,0 +1,71 @@
+"""The train state and how it is created, already sharded.
+
+TrainState is a pytree of arrays: parameters, optimizer state and EMA parameters (all
+`nnx.State` trees that keep the parameters' logical axis names), plus the step. The model's
+structure (`nnx.GraphDef`) stays outside, static.
+"""
+
+import flax.struct
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import ml_collections
+import optax
+
+from jaxvid.models import dit
+from jaxvid.parallel import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 [], updates done
+  params: nnx.State
+  opt_state: optax.OptState
+  ema: nnx.State
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup then cosine decay, after global-norm clipping."""
+  o = cfg.optim
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.lr, warmup_steps=min(o.warmup_steps, cfg.train.steps),
+      decay_steps=max(cfg.train.steps, o.warmup_steps + 1), end_value=o.lr * o.min_lr_ratio)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2 and p.shape[-1] > 1, params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.grad_clip),
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+  return tx, schedule
+
+
+def abstract_model(cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model's structure and its parameters as shapes only (no memory used)."""
+  model = nnx.eval_shape(lambda: dit.build(cfg, cfg.seed))
+  return nnx.split(model, nnx.Param)
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: sharding.Rules):
+  return sharding.tree_shardings(nnx.get_partition_spec(abstract_params), mesh, rules)
+
+
+def abstract_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+  """(graphdef, init, abstract TrainState): shapes only; `init()` builds the real state."""
+  graphdef, _ = abstract_model(cfg)
+
+  def init() -> TrainState:
+    _, params = nnx.split(dit.build(cfg, cfg.seed), nnx.Param)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=params)
+
+  return graphdef, init, jax.eval_shape(init)
+
+
+def create(init, shardings) -> TrainState:
+  """Runs `init` compiled with `out_shardings`: every array is created in place on its
+  devices, so no device ever holds a full copy of a sharded parameter."""
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def state_shardings(abstract: TrainState, mesh: Mesh, rules: sharding.Rules):
+  """Shardings of every leaf: parameters and their optimizer moments by their logical axes,
+  scalars (step, counts) replicated."""
+  return sharding.tree_shardings(nnx.get_partition_spec(abstract), mesh, rules)

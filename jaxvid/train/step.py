@@ -1,0 +1,69 @@
+"""The pure train step: (state, batch) -> (state, metrics), compiled once with donation."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import optax
+
+from jaxvid.data import pipeline
+from jaxvid.diffusion import flow as flow_lib
+from jaxvid.models import text
+from jaxvid.parallel import sharding
+from jaxvid.train.state import TrainState
+
+
+def drop_captions(tokens: jax.Array, rng: jax.Array, rate: float) -> jax.Array:
+  """Replaces a `rate` fraction of captions [B, L] by the empty caption [BOS, PAD, ...]."""
+  empty = jnp.zeros_like(tokens).at[:, 0].set(text.BOS)
+  drop = jax.random.bernoulli(rng, rate, (tokens.shape[0], 1))
+  return jnp.where(drop, empty, tokens)
+
+
+def ema_decay(decay: float, step: jax.Array) -> jax.Array:
+  """EMA decay that warms up, so early EMA weights are not stuck at the initialization."""
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule):
+  """Returns train_step(state, batch) -> (state, metrics); batch as from `pipeline.Loader`.
+
+  Randomness (caption dropout, flow times, noise) comes from fold_in(seed, step), so a resumed
+  run draws exactly what the uninterrupted one would have.
+  """
+  flow = flow_lib.Flow.from_config(cfg)
+  seed, drop_rate, decay = cfg.seed, cfg.text.drop_rate, cfg.optim.ema_decay
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    rng_drop, rng_flow = jax.random.split(rng)
+    tokens = drop_captions(batch["tokens"], rng_drop, drop_rate)
+    x0 = pipeline.normalize(batch["video"])
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params)
+      text_emb, text_mask = model.encode_text(tokens)
+      return flow_lib.loss(lambda x, t: model(x, t, text_emb, text_mask), x0, rng_flow, flow)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    d = ema_decay(decay, state.step)
+    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+  return train_step
+
+
+def compile_train_step(train_step, mesh: Mesh, rules: sharding.Rules, state_shardings, batch_shardings):
+  """jit with explicit shardings; the state is donated (updated in place)."""
+
+  def step(state, batch):
+    with sharding.activation_rules(mesh, rules):
+      return train_step(state, batch)
+
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
