@@ -26,11 +26,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--verbose", action="store_true", help="show tracebacks and library logs")
   sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-  t = sub.add_parser("train", help="train a model (resumes if WORKDIR has checkpoints)")
+  t = sub.add_parser("train", prog="jaxvid train", help="train a model (resumes if WORKDIR has checkpoints)")
   t.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py or configs/dit.py:B")
   t.add_argument("--workdir", required=True, help="run directory: config.json, metrics, checkpoints")
 
-  s = sub.add_parser("sample", help="generate videos from prompts with a trained run")
+  s = sub.add_parser("sample", prog="jaxvid sample", help="generate videos from prompts with a trained run")
   s.add_argument("--workdir", required=True, help="a run directory written by `jaxvid train`")
   group = s.add_mutually_exclusive_group(required=True)
   group.add_argument("--prompt", help="one prompt")

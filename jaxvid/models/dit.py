@@ -62,7 +62,7 @@ class Block(nnx.Module):
     self.attn2 = attn()
     self.norm3 = layers.layer_norm(d, eps=m.eps, affine=False, **kw)
     self.ffn = layers.MLP(d, m.mlp_dim, dtype=dtype, **kw)
-    self.scale_shift_table = nnx.Param(jnp.zeros((6, d), param_dtype), sharding=(None, sh.EMBED))
+    self.scale_shift_table = nnx.Param(jnp.zeros((6, d), param_dtype), out_sharding=(None, sh.EMBED))
 
   def __call__(self, x: jax.Array, e: jax.Array, angles: jax.Array, context: jax.Array,
                context_mask: jax.Array) -> jax.Array:
@@ -104,7 +104,7 @@ class DiT(nnx.Module):
 
     self.blocks = make_blocks(rngs)
     self.norm_out = layers.layer_norm(d, eps=m.eps, affine=False, param_dtype=param_dtype, rngs=rngs)
-    self.scale_shift_table = nnx.Param(jnp.zeros((2, d), param_dtype), sharding=(None, sh.EMBED))
+    self.scale_shift_table = nnx.Param(jnp.zeros((2, d), param_dtype), out_sharding=(None, sh.EMBED))
     self.proj_out = layers.dense(d, patch_dim, (sh.EMBED, None), zero_init=True, **kw)
 
   def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:

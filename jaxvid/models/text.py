@@ -82,7 +82,7 @@ class ByteTextEncoder(nnx.Module):
                                                                 (sh.VOCAB, sh.EMBED)),
                            rngs=rngs)
     self.pos = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (t.max_len, t.width), param_dtype),
-                         sharding=(None, sh.EMBED))
+                         out_sharding=(None, sh.EMBED))
     self.blocks = nnx.List([_Block(cfg, dtype, param_dtype, rngs) for _ in range(t.depth)])
     self.norm = layers.layer_norm(t.width, eps=cfg.model.eps, affine=True, param_dtype=param_dtype,
                                   rngs=rngs)

@@ -52,7 +52,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     params = optax.apply_updates(state.params, updates)
     d = ema_decay(decay, state.step)
     ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
   return train_step

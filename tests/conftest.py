@@ -1,0 +1,48 @@
+"""Shared test setup: 8 simulated CPU devices (set before JAX is imported) and a very small
+config for end-to-end tests."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+# configs/tiny.py shrunk further so that a train step takes milliseconds: 2x4x4 = 32 tokens.
+SMALL = [
+    "--config.video.frames=4", "--config.video.height=16", "--config.video.width=16",
+    "--config.model.width=32", "--config.model.depth=1", "--config.model.heads=2", "--config.model.mlp_dim=64",
+    "--config.text.width=32", "--config.text.depth=1", "--config.text.heads=2", "--config.text.mlp_dim=64",
+    "--config.text.max_len=48", "--config.train.batch_size=8", "--config.optim.warmup_steps=2",
+    "--config.sample.steps=3", "--config.sample.batch_size=4",
+]
+
+
+@pytest.fixture
+def small_config():
+  from jaxvid import config
+  return config.load(TINY, SMALL)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  # A run that selects no test (e.g. `-m multiprocess` on a machine without them) is not a failure.
+  if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+    session.exitstatus = pytest.ExitCode.OK
+
+
+def train_small(workdir, *overrides) -> int:
+  """Runs `jaxvid train` in this process on the SMALL config; returns the exit status."""
+  from jaxvid import cli
+  return cli.main(["train", "--config", TINY, "--workdir", str(workdir), *SMALL, *overrides])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """A SMALL run trained for 4 steps, checkpoints at 2 and 4 (shared, do not modify)."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  assert train_small(workdir, "--config.train.steps=4", "--config.checkpoint.every=2",
+                     "--config.train.log_every=2") == 0
+  return workdir

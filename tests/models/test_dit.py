@@ -1,0 +1,110 @@
+"""DiT shapes, patchify, RoPE, adaLN-zero, the text encoder and the layer scan."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import SMALL, TINY
+from jaxvid import config
+from jaxvid.models import dit, rope, text
+
+
+def _forward(cfg, x, t, captions):
+  model = dit.build(cfg)
+  tokens = jnp.asarray(text.ByteTokenizer(cfg.text.max_len)(captions))
+  emb, mask = model.encode_text(tokens)
+  return model, model(x, t, emb, mask)
+
+
+@pytest.mark.parametrize("frames, height, width", [(2, 16, 16), (4, 16, 32), (8, 32, 16), (6, 24, 24)])
+def test_output_shape_matches_input(frames, height, width):
+  cfg = config.load(TINY, SMALL)
+  x = jax.random.normal(jax.random.key(0), (2, frames, height, width, 3))
+  _, v = _forward(cfg, x, jnp.array([0.1, 0.9]), ["a red circle", ""])
+  assert v.shape == x.shape and v.dtype == jnp.float32
+
+
+def test_patchify_round_trip_and_order():
+  x = jax.random.normal(jax.random.key(1), (2, 4, 8, 12, 3))
+  p = dit.patchify(x, (2, 4, 4))
+  assert p.shape == (2, 2 * 2 * 3, 2 * 4 * 4 * 3)
+  np.testing.assert_array_equal(dit.unpatchify(p, (2, 2, 3), (2, 4, 4)), x)
+  # Token 1 is the patch at (t=0, h=0, w=1): raster order over (t, h, w).
+  np.testing.assert_array_equal(p[0, 1].reshape(2, 4, 4, 3), x[0, 0:2, 0:4, 4:8])
+
+
+def test_adaln_zero_starts_at_zero_output():
+  cfg = config.load(TINY, SMALL)
+  x = jax.random.normal(jax.random.key(0), (2, 4, 16, 16, 3))
+  _, v = _forward(cfg, x, jnp.array([0.3, 0.6]), ["a", "b"])
+  np.testing.assert_array_equal(v, 0.0)
+
+
+def test_rope_depends_only_on_relative_position():
+  head_dim, theta = 24, 10000.0
+  assert sum(rope.axis_dims(head_dim)) == head_dim and all(d % 2 == 0 for d in rope.axis_dims(head_dim))
+  angles = rope.rope_angles((3, 4, 5), head_dim, theta)
+  assert angles.shape == (60, head_dim // 2)
+  q = jax.random.normal(jax.random.key(0), (1, 1, 1, head_dim))
+  k = jax.random.normal(jax.random.key(1), (1, 1, 1, head_dim))
+  idx = lambda t, h, w: (t * 4 + h) * 5 + w
+  score = lambda a, b: float(jnp.sum(rope.apply_rope(q, angles[a:a + 1]) * rope.apply_rope(k, angles[b:b + 1])))
+  # Shifting both positions by the same offset keeps the score; different offsets change it.
+  assert score(idx(0, 1, 1), idx(1, 2, 3)) == pytest.approx(score(idx(1, 2, 2), idx(2, 3, 4)), rel=1e-4)
+  assert score(idx(0, 1, 1), idx(1, 2, 3)) != pytest.approx(score(idx(0, 1, 1), idx(2, 2, 3)), rel=1e-3)
+
+
+def test_text_changes_the_output_once_trained_weights_are_nonzero():
+  cfg = config.load(TINY, SMALL)
+  model = dit.build(cfg)
+  # Break the zero init so the text path reaches the output.
+  for path, p in nnx.iter_graph(model):
+    if isinstance(p, nnx.Param) and not np.any(p[...]):
+      p[...] = 0.02 * jax.random.normal(jax.random.key(len(path)), p.shape)
+  tok = jnp.asarray(text.ByteTokenizer(cfg.text.max_len)(["a red circle moving left", "a blue square moving up"]))
+  emb, mask = model.encode_text(tok)
+  x = jnp.ones((1, 4, 16, 16, 3))
+  v1 = model(x, jnp.array([0.5]), emb[:1], mask[:1])
+  v2 = model(x, jnp.array([0.5]), emb[1:], mask[1:])
+  assert float(jnp.abs(v1 - v2).max()) > 1e-4
+
+
+def test_byte_tokenizer():
+  tok = text.ByteTokenizer(6)
+  out = tok(["ab", "", "héllo"])
+  assert out.dtype == np.int32 and out.shape == (3, 6)
+  assert list(out[0]) == [text.BOS, ord("a") + 2, ord("b") + 2, 0, 0, 0]
+  assert list(out[1]) == [text.BOS, 0, 0, 0, 0, 0]
+  assert out[2, 0] == text.BOS and np.all(out[2] > 0)   # cut to max_len
+  assert tok.truncates("héllo") and not tok.truncates("abc")
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_gradients(remat):
+  base = config.load(TINY, SMALL + ["--config.model.depth=2"])
+  other = config.load(TINY, SMALL + ["--config.model.depth=2", f"--config.model.remat={remat}"])
+  x = jax.random.normal(jax.random.key(0), (2, 4, 16, 16, 3))
+  tok = jnp.asarray(text.ByteTokenizer(48)(["a", "b"]))
+
+  def grads(cfg):
+    graphdef, params = nnx.split(dit.build(cfg), nnx.Param)
+    params = jax.tree.map(lambda p: p + 0.01, params)   # off the zero init
+
+    def loss(p):
+      m = nnx.merge(graphdef, p)
+      return jnp.mean(m(x, jnp.array([0.2, 0.7]), *m.encode_text(tok)) ** 2)
+
+    return jax.jit(jax.grad(loss))(params)
+
+  for a, b in zip(jax.tree.leaves(grads(base)), jax.tree.leaves(grads(other))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_are_stacked_for_the_layer_scan():
+  cfg = config.load(TINY, SMALL + ["--config.model.depth=3"])
+  _, params = nnx.split(nnx.eval_shape(lambda: dit.build(cfg)), nnx.Param)
+  assert params["blocks"]["attn1"]["q"]["kernel"].shape == (3, 32, 32)
+  spec = nnx.get_partition_spec(params)["blocks"]["attn1"]["q"]["kernel"].get_value()
+  assert tuple(spec) == ("layers", "embed", "heads")

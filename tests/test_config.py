@@ -1,0 +1,133 @@
+"""Config loading, overrides and every bad-config error path."""
+
+import glob
+import json
+import os
+
+import jax
+import pytest
+
+from conftest import REPO, SMALL, TINY
+from jaxvid import cli, config
+from jaxvid.errors import UserError
+from jaxvid.train import state as state_lib
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+VARIANTS = {"dit.py": ["S", "B", "L", "XL"]}
+
+
+def all_specs():
+  for path in CONFIGS:
+    for arg in VARIANTS.get(os.path.basename(path), [""]):
+      yield f"{path}:{arg}" if arg else path
+
+
+@pytest.mark.parametrize("spec", list(all_specs()), ids=lambda s: os.path.basename(s))
+def test_every_config_resolves_and_builds(spec):
+  cfg = config.load(spec)
+  config.validate(cfg, num_devices=8, train=True)
+  _, abstract = state_lib.abstract_model(cfg)   # shapes only: costs no memory at full size
+  assert sum(x.size for x in jax.tree.leaves(abstract)) > 0
+  assert config.from_json(config.to_json(cfg)) == cfg
+
+
+def test_overrides_parse_to_field_types():
+  cfg = config.load(TINY, ["--config.train.steps=7", "--config.optim.lr=1", "--config.model.qk_norm=false",
+                           "--config.model.patch=(1,2,2)", "--config.data.source=synthetic"])
+  assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+  assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+  assert cfg.model.qk_norm is False
+  assert cfg.model.patch == (1, 2, 2)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("--config.train.stepz=5", "unknown config key 'train.stepz'"),
+    ("--config.nope.steps=5", "unknown config key 'nope.steps'"),
+    ("--config.train=5", "unknown config key 'train'"),
+    ("--config.train.steps=abc", "train.steps=abc: expected int"),
+    ("--config.train.steps=1.5", "expected int"),
+    ("--config.optim.lr=fast", "expected float"),
+    ("--config.model.qk_norm=maybe", "expected true or false"),
+    ("--config.model.patch=(1,2.5,2)", "expected a tuple of int"),
+    ("--config.train.steps", "has no value"),
+])
+def test_bad_overrides(override, words):
+  with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+    config.load(TINY, [override])
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["--config.video.frames=5"], "video.frames=5 is not divisible by its patch size 2"),
+    (["--config.video.height=30"], "video.height=30 is not divisible"),
+    (["--config.model.heads=3"], "model.heads=3 does not divide model.width=128"),
+    (["--config.model.heads=64"], "head dim"),
+    (["--config.model.dtype=float64"], "model.dtype='float64' must be one of"),
+    (["--config.model.remat=some"], "model.remat='some'"),
+    (["--config.mesh.data=3"], "mesh .* has 3 devices but 8 are present"),
+    (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], "at most one -1"),
+    (["--config.mesh.data=-1", "--config.mesh.fsdp=3"], "cannot fill 8 devices"),
+    (["--config.train.batch_size=12"], "train.batch_size=12 is not divisible by mesh.data"),
+    (["--config.mesh.data=4", "--config.mesh.tensor=2", "--config.model.heads=1", "--config.model.width=64"],
+     "model.heads=1 is not divisible by mesh.tensor=2"),
+    (["--config.data.source=files"], "not supported by this version"),
+    (["--config.data.source=youtube"], "must be one of"),
+    (["--config.text.drop_rate=1.5"], r"text.drop_rate=1.5 must be in \[0, 1\)"),
+    (["--config.train.steps=0"], "train.steps=0 must be at least 1"),
+    (["--config.sample.sampler=ddim"], "only 'euler'"),
+])
+def test_validation_errors_name_the_key(overrides, words):
+  cfg = config.load(TINY, overrides)
+  with pytest.raises(UserError, match=words):
+    config.validate(cfg, num_devices=8, train=True)
+
+
+def test_mesh_minus_one_fills_devices():
+  cfg = config.load(TINY, ["--config.mesh.data=2", "--config.mesh.fsdp=-1"])
+  assert config.mesh_shape(cfg, 8) == {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1}
+
+
+def test_missing_config_file_and_broken_get_config(tmp_path):
+  with pytest.raises(UserError, match="not found"):
+    config.load(str(tmp_path / "nope.py"))
+  (tmp_path / "bad.py").write_text("def get_config(arg=''):\n  raise ValueError('no such variant ' + arg)\n")
+  with pytest.raises(UserError, match="no such variant Q"):
+    config.load(f"{tmp_path}/bad.py:Q")
+  (tmp_path / "empty.py").write_text("x = 1\n")
+  with pytest.raises(UserError, match="no get_config"):
+    config.load(str(tmp_path / "empty.py"))
+
+
+def test_dit_variant_unknown_is_one_line_error():
+  with pytest.raises(UserError, match="unknown variant"):
+    config.load(os.path.join(REPO, "configs", "dit.py") + ":Huge")
+
+
+def test_model_hash_ignores_how_it_runs_not_what_it_is():
+  a = config.load(TINY)
+  b = config.load(TINY, ["--config.model.dtype=bfloat16", "--config.train.steps=9", "--config.video.frames=16"])
+  c = config.load(TINY, ["--config.model.width=256"])
+  assert config.model_hash(a) == config.model_hash(b)
+  assert config.model_hash(a) != config.model_hash(c)
+  assert "model.width: saved 128, now 256" in config.model_diffs(a, c)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--config", TINY, "--workdir", "{w}", "--config.train.stepz=1"], "unknown config key"),
+    (["train", "--config", TINY, "--workdir", "{w}", "--config.video.frames=5"], "not divisible"),
+    (["train", "--workdir", "{w}"], "the following arguments are required: --config"),
+    (["train", "--config", TINY, "--workdir", "{w}", "--bogus"], "unrecognized arguments --bogus"),
+    (["sample", "--workdir", "{w}", "--prompt", "x", "--output", "{w}/o"], "config.json not found"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, words):
+  argv = [a.replace("{w}", str(tmp_path / "run")) for a in argv]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("jaxvid: error:") and words in err[0], err
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_saved_config_round_trips_json():
+  cfg = config.load(TINY, SMALL)
+  again = config.from_json(config.to_json(cfg))
+  assert json.loads(config.to_json(again)) == json.loads(config.to_json(cfg))

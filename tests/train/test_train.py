@@ -1,0 +1,131 @@
+"""The trainer end to end: workdir contract, resume, refusing another model's workdir,
+and that the loss goes down."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conftest import SMALL, TINY, train_small
+from jaxvid import config
+from jaxvid.data import pipeline
+from jaxvid.diffusion import flow as flow_lib
+from jaxvid.parallel import mesh as mesh_lib
+from jaxvid.parallel import sharding
+from jaxvid.train import checkpoint as ckpt_lib
+from jaxvid.train import state as state_lib
+from jaxvid.train import step as step_lib
+
+METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "steps_per_sec", "tokens_per_sec", "time"}
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _restore(workdir, step):
+  cfg = config.from_json(open(os.path.join(workdir, "config.json")).read())
+  mesh = mesh_lib.make_mesh(cfg)
+  rules = sharding.rules_from_config(cfg)
+  tx, _ = state_lib.make_optimizer(cfg)
+  _, _, abstract = state_lib.abstract_state(cfg, tx)
+  target = ckpt_lib.with_shardings(abstract, state_lib.state_shardings(abstract, mesh, rules))
+  ckpt = ckpt_lib.Checkpointer(str(workdir))
+  state = ckpt.restore(step, target)
+  ckpt.close()
+  return state
+
+
+def test_workdir_contract(trained_run):
+  cfg = json.load(open(trained_run / "config.json"))
+  assert cfg["train"]["steps"] == 4 and cfg["model"]["depth"] == 1
+  rows = _metrics(trained_run)
+  assert [r["step"] for r in rows] == [2, 4]
+  for r in rows:
+    assert METRIC_KEYS <= set(r) and np.isfinite(r["loss"]) and r["steps_per_sec"] > 0
+  assert sorted(os.listdir(trained_run / "checkpoints")) == ["2", "4"]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(trained_run / "tensorboard"))
+  state = _restore(trained_run, 4)
+  assert int(state.step) == 4
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
+  common = ("--config.checkpoint.every=3", "--config.train.log_every=1")
+  assert train_small(tmp_path / "once", "--config.train.steps=6", *common) == 0
+  assert train_small(tmp_path / "twice", "--config.train.steps=3", *common) == 0
+  assert train_small(tmp_path / "twice", "--config.train.steps=6", *common) == 0
+  once, twice = _metrics(tmp_path / "once"), _metrics(tmp_path / "twice")
+  assert [r["step"] for r in twice] == [1, 2, 3, 4, 5, 6]          # continued at 4, not restarted
+  assert [r["loss"] for r in once] == [r["loss"] for r in twice]    # same batches, same noise
+  a, b = _restore(tmp_path / "once", 6), _restore(tmp_path / "twice", 6)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Nothing left to do: a rerun at the same steps is a no-op that exits 0.
+  assert train_small(tmp_path / "twice", "--config.train.steps=6", *common) == 0
+  assert len(_metrics(tmp_path / "twice")) == 6
+
+
+def _snapshot(root):
+  return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_workdir_of_another_model_is_refused_and_untouched(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  assert train_small(workdir, "--config.train.steps=2") == 0
+  before = _snapshot(workdir)
+  assert train_small(workdir, "--config.train.steps=4", "--config.model.width=64") == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert "holds a run of a different model" in err and "model.width: saved 32, now 64" in err
+  assert _snapshot(workdir) == before
+  # Same with config.json gone: the checkpoint's own config is checked.
+  os.remove(workdir / "config.json")
+  before = _snapshot(workdir)
+  assert train_small(workdir, "--config.train.steps=4", "--config.model.width=64") == 2
+  assert "holds a different model" in capsys.readouterr().err
+  assert _snapshot(workdir) == before
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  assert train_small(workdir, "--config.train.steps=2") == 0
+  for d, _, files in os.walk(workdir / "checkpoints" / "2" / "config"):
+    for f in files:
+      open(os.path.join(d, f), "w").write("garbage{")
+  assert train_small(workdir, "--config.train.steps=4") == 2
+  err = capsys.readouterr().err
+  assert "checkpoint" in err and "corrupt or not a jaxvid checkpoint" in err
+  assert (workdir / "checkpoints" / "2").exists()
+
+
+def test_flow_loss_decreases_when_overfitting_one_batch():
+  cfg = config.load(TINY, SMALL + ["--config.optim.lr=3e-3", "--config.text.drop_rate=0.0",
+                                   "--config.optim.warmup_steps=1", "--config.train.steps=40"])
+  mesh = mesh_lib.make_mesh(cfg)
+  rules = sharding.rules_from_config(cfg)
+  tx, schedule = state_lib.make_optimizer(cfg)
+  graphdef, init, abstract = state_lib.abstract_state(cfg, tx)
+  shardings = state_lib.state_shardings(abstract, mesh, rules)
+  state = state_lib.create(init, shardings)
+  loader = pipeline.Loader(cfg, mesh, rules)
+  batch = next(loader)
+  step = step_lib.compile_train_step(step_lib.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
+                                     shardings, loader.shardings(pipeline.batch_spec(cfg)))
+  flow = flow_lib.Flow.from_config(cfg)
+
+  @jax.jit
+  def eval_loss(params):   # fixed times and noise, so the number only moves with the parameters
+    model = nnx.merge(graphdef, params)
+    emb, mask = model.encode_text(batch["tokens"])
+    losses = [flow_lib.loss(lambda x, t: model(x, t, emb, mask), pipeline.normalize(batch["video"]),
+                            jax.random.key(i), flow) for i in range(4)]
+    return jnp.mean(jnp.stack(losses))
+
+  before = float(eval_loss(state.params))
+  for _ in range(40):
+    state, _ = step(state, batch)
+  after = float(eval_loss(state.params))
+  assert after < 0.8 * before, (before, after)
