@@ -1,7 +1,7 @@
 """Prompt adherence of the `tiny` model on the synthetic data: train, sample held-out prompts,
 detect the moving object's color and direction from pixels, report accuracy against chance.
 
-  python scripts/quality_tiny.py --workdir runs/quality --minutes 20
+  python scripts/quality_tiny.py --workdir runs/quality --steps 2000
 
 Steps 1 and 2 run the real CLI (`jaxvid train`, `jaxvid sample`); rerunning resumes both.
 The held-out prompts are captions whose (color, shape, direction, background) combination

@@ -14,6 +14,7 @@ import tqdm
 
 from jaxvid import config as config_lib
 from jaxvid.data import pipeline
+from jaxvid.diffusion import flow as flow_lib
 from jaxvid.errors import UserError
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
@@ -77,7 +78,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   tokens = config_lib.num_tokens(cfg)
   log.info("model: %.2fM parameters, %d tokens per clip, flow shift %.2f",
-           num_params / 1e6, tokens, step_lib.flow_lib.resolve_shift(cfg))
+           num_params / 1e6, tokens, flow_lib.resolve_shift(cfg))
 
   # The step, compiled ahead of time.
   batch_shardings = loader.shardings(pipeline.batch_spec(cfg))
