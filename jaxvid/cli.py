@@ -13,7 +13,8 @@ from jaxvid.errors import UserError
 
 USAGE = """\
 jaxvid train  --config PATH[:ARG] --workdir DIR [--config.KEY=VALUE ...]
-jaxvid sample --workdir DIR (--prompt TEXT | --prompts FILE) --output DIR [--config.KEY=VALUE ...] [--step N]"""
+jaxvid sample --workdir DIR (--prompt TEXT | --prompts FILE) --output DIR [--config.KEY=VALUE ...] [--step N]
+jaxvid export --workdir DIR --output PATH [--step N]"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
   t = sub.add_parser("train", prog="jaxvid train", help="train a model (resumes if WORKDIR has checkpoints)")
   t.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py or configs/dit.py:B")
   t.add_argument("--workdir", required=True, help="run directory: config.json, metrics, checkpoints")
+  t.add_argument("--init_from", default=None,
+                 help="start a new run from the parameters of another run directory or export")
+  t.add_argument("--init_optimizer", action="store_true",
+                 help="with --init_from a run directory: take its optimizer state too")
 
   s = sub.add_parser("sample", prog="jaxvid sample", help="generate videos from prompts with a trained run")
   s.add_argument("--workdir", required=True, help="a run directory written by `jaxvid train`")
@@ -38,7 +43,12 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--output", required=True, help="output folder: ID.mp4, ID.json, manifest.jsonl, index.html")
   s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
-  for command in (t, s):
+  e = sub.add_parser("export", prog="jaxvid export", help="write an inference-only checkpoint (EMA parameters)")
+  e.add_argument("--workdir", required=True, help="a run directory written by `jaxvid train`")
+  e.add_argument("--output", required=True, help="a new folder; `jaxvid sample --workdir` accepts it")
+  e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+  for command in (t, s, e):
     command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
   return p
 
@@ -65,12 +75,20 @@ def run(argv: list[str]) -> None:
   from jaxvid import config as config_lib  # heavy imports after parsing, so --help is fast
   if args.command == "train":
     from jaxvid.train import loop
-    loop.train(config_lib.load(args.config, overrides), args.workdir)
+    if args.init_optimizer and not args.init_from:
+      raise UserError("--init_optimizer needs --init_from RUN_DIR")
+    loop.train(config_lib.load(args.config, overrides), args.workdir, init_from=args.init_from,
+               init_optimizer=args.init_optimizer)
   elif args.command == "sample":
     from jaxvid.sample import job
     cfg = job.load_run_config(args.workdir, overrides)
     items = job.single_prompt(args.prompt, cfg) if args.prompt is not None else job.read_prompts(args.prompts, cfg)
     job.sample(cfg, args.workdir, items, args.output, step=args.step)
+  elif args.command == "export":
+    if overrides:
+      raise UserError("jaxvid export takes no --config overrides")
+    from jaxvid.train import export
+    export.export_run(args.workdir, args.output, args.step)
 
 
 def main(argv: list[str] | None = None) -> int:

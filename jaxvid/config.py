@@ -82,7 +82,8 @@ def base_config() -> ConfigDict:
   c.optim.ema_decay = 0.999
 
   c.train = ConfigDict(dict(steps=1000, batch_size=8, log_every=50))
-  c.checkpoint = ConfigDict(dict(every=500, keep=3))
+  # Keep the last `keep` checkpoints plus every `keep_every`-th step (0: none); save in the background.
+  c.checkpoint = ConfigDict(dict(every=500, keep=3, keep_every=0, async_save=True))
 
   c.data = ConfigDict()
   c.data.source = "synthetic"
@@ -235,8 +236,8 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
   for key in ("steps", "batch_size", "log_every"):
     if cfg.train[key] < 1:
       raise UserError(f"train.{key}={cfg.train[key]} must be at least 1")
-  if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
-    raise UserError("checkpoint.every and checkpoint.keep must be at least 1")
+  if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1 or cfg.checkpoint.keep_every < 0:
+    raise UserError("checkpoint.every and checkpoint.keep must be at least 1, checkpoint.keep_every at least 0")
   if cfg.sample.steps < 1 or cfg.sample.batch_size < 1:
     raise UserError("sample.steps and sample.batch_size must be at least 1")
   if cfg.sample.sampler != "euler":

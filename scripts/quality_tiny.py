@@ -1,7 +1,7 @@
 """Prompt adherence of the `tiny` model on the synthetic data: train, sample held-out prompts,
 detect the moving object's color and direction from pixels, report accuracy against chance.
 
-  python scripts/quality_tiny.py --workdir runs/quality --steps 2000
+  python scripts/quality_tiny.py --workdir runs/quality --steps 2000 [--config.KEY=VALUE ...]
 
 Steps 1 and 2 run the real CLI (`jaxvid train`, `jaxvid sample`); rerunning resumes both.
 The held-out prompts are captions whose (color, shape, direction, background) combination
@@ -29,8 +29,10 @@ def main() -> None:
   p.add_argument("--config", default="configs/tiny.py")
   p.add_argument("--steps", type=int, default=2000, help="train.steps (the run stops earlier at --minutes)")
   p.add_argument("--prompts", type=int, default=64)
-  p.add_argument("overrides", nargs="*", help="extra --config.KEY=VALUE for training and sampling")
-  args = p.parse_args()
+  args, overrides = p.parse_known_args()
+  args.overrides = [o for o in overrides if o.startswith("--config.")]
+  if len(args.overrides) != len(overrides):
+    p.error(f"unrecognized arguments: {[o for o in overrides if not o.startswith('--config.')]}")
   os.makedirs(args.workdir, exist_ok=True)
 
   t0 = time.time()

@@ -32,6 +32,7 @@ from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
 from jaxvid.sample import writer
 from jaxvid.train import checkpoint as ckpt_lib
+from jaxvid.train import export as export_lib
 from jaxvid.train import state as state_lib
 
 log = logging.getLogger("jaxvid")
@@ -100,7 +101,7 @@ def single_prompt(prompt: str, cfg: ml_collections.ConfigDict) -> list[Item]:
 def load_run_config(workdir: str, overrides: list[str]) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise UserError(f"{path} not found; --workdir must be a directory written by `jaxvid train`")
+    raise UserError(f"{path} not found; --workdir must be a run directory (jaxvid train) or an export (jaxvid export)")
   with open(path) as f:
     cfg = config_lib.from_json(f.read())
   config_lib.apply_overrides(cfg, overrides)
@@ -135,18 +136,10 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
   mesh = mesh_lib.make_mesh(cfg)
   rules = sharding.rules_from_config(cfg)
 
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise UserError(f"no checkpoint in {checkpointer.directory}; train first (jaxvid train ...)")
-  if step not in checkpointer.all_steps():
-    raise UserError(f"no checkpoint for --step {step}; available: {checkpointer.all_steps()}")
-  checkpointer.check_compatible(step, cfg)
   graphdef, abstract_params = state_lib.abstract_model(cfg)
   shardings = state_lib.param_shardings(abstract_params, mesh, rules)
-  params = checkpointer.restore_params(step, ckpt_lib.with_shardings(abstract_params, shardings),
-                                       "ema" if cfg.sample.use_ema else "params")
-  checkpointer.close()
+  params, step = export_lib.load_params(workdir, cfg, ckpt_lib.with_shardings(abstract_params, shardings),
+                                        step, "ema" if cfg.sample.use_ema else "params")
 
   folder = writer.OutputFolder(output)
   done = folder.done_ids()

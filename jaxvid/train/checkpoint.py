@@ -11,7 +11,9 @@ picked for resume.
 """
 
 import json
+import logging
 import os
+import time
 
 import grain
 import jax
@@ -20,6 +22,10 @@ import orbax.checkpoint as ocp
 
 from jaxvid import config as config_lib
 from jaxvid.errors import UserError
+
+log = logging.getLogger("jaxvid")
+# Orbax writes this file last, after every item of a step is on disk.
+COMMIT_MARKER = "commit_success.txt"
 
 
 def with_shardings(abstract, shardings):
@@ -30,21 +36,36 @@ def with_shardings(abstract, shardings):
 class Checkpointer:
   """One CheckpointManager per run directory."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int = 3, keep_every: int = 0, async_save: bool = True):
+    """Keeps the last `keep` checkpoints, plus every `keep_every`-th step if > 0."""
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None, create=True,
                                              enable_async_checkpointing=async_save),
         item_names=("state", "data", "config"))
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+  def _complete(self, step: int) -> bool:
+    return os.path.exists(os.path.join(self.directory, str(step), COMMIT_MARKER))
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    """Steps whose checkpoint was written to the end (an interrupted save is never listed)."""
+    return sorted(s for s in self.manager.all_steps() if self._complete(s))
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    for s in self.manager.all_steps():
+      if not self._complete(s):
+        log.warning("skipping incomplete checkpoint %s/%d (no %s); it is left in place",
+                    self.directory, s, COMMIT_MARKER)
+    return steps[-1] if steps else None
 
   def save(self, step: int, state, data_iterator, cfg: ml_collections.ConfigDict) -> None:
+    """Starts saving `step` (in the background when async); `wait()` blocks until written."""
+    folder = os.path.join(self.directory, str(step))
+    if os.path.exists(folder) and not self._complete(step):   # set aside, never deleted
+      os.replace(folder, f"{folder}.incomplete-{int(time.time())}")
+      self.manager.reload()
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),

@@ -19,7 +19,9 @@ from jaxvid.errors import UserError
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
 from jaxvid.train import checkpoint as ckpt_lib
+from jaxvid.train import export as export_lib
 from jaxvid.train import metrics as metrics_lib
+from jaxvid.train import preemption
 from jaxvid.train import state as state_lib
 from jaxvid.train import step as step_lib
 
@@ -44,7 +46,8 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> ckpt_lib.Ch
       raise UserError(f"{workdir} holds a run of a different model ({config_lib.model_diffs(saved, cfg)}); "
                       "use a new --workdir or the same model config")
   os.makedirs(workdir, exist_ok=True)
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.checkpoint.keep)
+  c = cfg.checkpoint
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.keep, keep_every=c.keep_every, async_save=c.async_save)
   latest = checkpointer.latest_step()
   if latest is not None:
     checkpointer.check_compatible(latest, cfg)
@@ -55,7 +58,40 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> ckpt_lib.Ch
   return checkpointer
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+def init_from_run(state: state_lib.TrainState, path: str, cfg: ml_collections.ConfigDict, abstract, shardings,
+                  with_optimizer: bool) -> state_lib.TrainState:
+  """A fresh state whose parameters (and EMA, and optionally optimizer state) come from the
+  latest checkpoint of the run directory `path`, or from the export `path`; step stays 0."""
+  source = os.path.join(path, "config.json")
+  if not os.path.isfile(source):
+    raise UserError(f"--init_from {path}: no config.json; give a run directory or an export")
+  with open(source) as f:
+    if config_lib.model_hash(config_lib.from_json(f.read())) != config_lib.model_hash(cfg):
+      raise UserError(f"--init_from {path} is a different model; its model and text config must match")
+  target = ckpt_lib.with_shardings(abstract, shardings)
+  if export_lib.is_export(path):
+    if with_optimizer:
+      raise UserError(f"--init_from {path} is an export, which has no optimizer state; drop --init_optimizer")
+    params, step = export_lib.restore(path, cfg, target.params)
+    ema = params
+  elif with_optimizer:
+    checkpointer = ckpt_lib.Checkpointer(path)
+    step = checkpointer.latest_step()
+    if step is None:
+      raise UserError(f"--init_from {path}: no checkpoint in {checkpointer.directory}")
+    restored = checkpointer.restore(step, target)
+    checkpointer.close()
+    log.info("initialized parameters, EMA and optimizer state from %s at step %d", path, step)
+    return restored.replace(step=state.step)
+  else:
+    params, step = export_lib.load_params(path, cfg, target.params, which="params")
+    ema, _ = export_lib.load_params(path, cfg, target.ema, step, which="ema")
+  log.info("initialized parameters and EMA from %s at step %d", path, step)
+  return state.replace(params=params, ema=ema)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None,
+          init_optimizer: bool = False) -> None:
   config_lib.validate(cfg, jax.device_count(), train=True)
   checkpointer = prepare_workdir(cfg, workdir)
 
@@ -72,7 +108,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   latest = checkpointer.latest_step()
   if latest is None:
     state = state_lib.create(init, shardings)
+    if init_from:
+      state = init_from_run(state, init_from, cfg, abstract, shardings, init_optimizer)
   else:
+    if init_from:
+      log.warning("%s has checkpoints: resuming it, --init_from is ignored", workdir)
     state = checkpointer.restore(latest, ckpt_lib.with_shardings(abstract, shardings), loader.iterator)
     log.info("resumed from %s/%d", checkpointer.directory, latest)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
@@ -94,26 +134,35 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     log.info("already at step %d of train.steps=%d: nothing to do", start, total)
     checkpointer.close()
     return
-  writer = metrics_lib.MetricsWriter(workdir)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   bar = tqdm.tqdm(initial=start, total=total, desc="train", unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
-  last_time, last_step = time.time(), start
-  for step in range(start, total):
-    state, metrics = train_step(state, next(loader))
-    done = step + 1
-    if done % cfg.train.log_every == 0 or done == total:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      now = time.time()
-      steps_per_sec = (done - last_step) / (now - last_time)
-      last_time, last_step = now, done
-      metrics.update(steps_per_sec=steps_per_sec, tokens_per_sec=steps_per_sec * tokens * cfg.train.batch_size)
-      writer.write(done, metrics)
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_per_s=f"{steps_per_sec:.2f}")
-    if done % cfg.checkpoint.every == 0 or done == total:
-      checkpointer.save(done, state, loader.iterator, cfg)
-    bar.update(1)
-  bar.close()
-  checkpointer.wait()
+  last_time, last_step, saved = time.time(), start, start
+  with preemption.StopRequest() as stop:
+    for step in range(start, total):
+      state, metrics = train_step(state, next(loader))
+      done = step + 1
+      if done % cfg.train.log_every == 0 or done == total:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        steps_per_sec = (done - last_step) / (now - last_time)
+        last_time, last_step = now, done
+        metrics.update(steps_per_sec=steps_per_sec, tokens_per_sec=steps_per_sec * tokens * cfg.train.batch_size)
+        writer.write(done, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_per_s=f"{steps_per_sec:.2f}")
+      bar.update(1)
+      stopping = stop.should_stop(done)
+      if done % cfg.checkpoint.every == 0 or done == total or stopping:
+        checkpointer.save(done, state, loader.iterator, cfg)
+        saved = done
+      if stopping:
+        break
+    bar.close()
+    checkpointer.wait()
   checkpointer.close()
   writer.close()
-  log.info("done: step %d, checkpoints in %s", total, checkpointer.directory)
+  if saved < total:
+    log.info("stopped at step %d of %d: saved %s/%d; rerun the same command to resume",
+             saved, total, checkpointer.directory, saved)
+  else:
+    log.info("done: step %d, checkpoints in %s", total, checkpointer.directory)

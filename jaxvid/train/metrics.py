@@ -15,10 +15,14 @@ class MetricsWriter:
   """write(step, {name: float}) appends one JSON line (with `step` and unix `time`) and
   adds TensorBoard scalars."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int = 0):
+    """Appends to an existing metrics.jsonl, first dropping rows after `resume_step`: they
+    belong to steps that were run past the checkpoint being resumed, and are run again."""
     self.enabled = jax.process_index() == 0
     if self.enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      _truncate_after(path, resume_step)
+      self._jsonl = open(path, "a")
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:
@@ -35,3 +39,21 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.read().splitlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):   # a line cut short by a killed process
+      continue
+  if len(keep) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(line + "\n" for line in keep)
+    os.replace(path + ".tmp", path)

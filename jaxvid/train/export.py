@@ -1,0 +1,106 @@
+"""Inference-only checkpoints: the EMA parameters and the config, nothing else.
+
+  jaxvid export --workdir runs/tiny --output exports/tiny
+  jaxvid sample --workdir exports/tiny --prompt "..." --output out/
+
+Layout of an export folder:
+  config.json    the run's resolved config
+  export.json    {"step", "model_hash", "source"}
+  params/        an Orbax checkpoint of the EMA parameters (restored straight into shardings)
+"""
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from jaxvid import config as config_lib
+from jaxvid.errors import UserError
+from jaxvid.parallel import mesh as mesh_lib
+from jaxvid.parallel import sharding
+from jaxvid.train import checkpoint as ckpt_lib
+from jaxvid.train import state as state_lib
+
+log = logging.getLogger("jaxvid")
+EXPORT_INFO = "export.json"
+
+
+def is_export(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, EXPORT_INFO))
+
+
+def export(cfg: ml_collections.ConfigDict, params, step: int, source: str, output: str) -> None:
+  """Writes `params` (EMA, as restored from `source` at `step`) to a new folder `output`."""
+  if os.path.exists(output):
+    raise UserError(f"--output {output} already exists; choose a new path (nothing was overwritten)")
+  tmp = output.rstrip("/") + ".partial"
+  if os.path.exists(tmp):
+    raise UserError(f"{tmp} exists (an interrupted export?); remove it or choose another --output")
+  os.makedirs(tmp)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(os.path.join(tmp, "params")), params)
+  if jax.process_index() == 0:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
+    with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
+      json.dump({"step": step, "model_hash": config_lib.model_hash(cfg), "source": os.path.abspath(source)}, f)
+    os.replace(tmp, output)
+
+
+def restore(path: str, cfg: ml_collections.ConfigDict, abstract_params) -> tuple[object, int]:
+  """(params placed as `abstract_params` says, step) from an export folder."""
+  with open(os.path.join(path, EXPORT_INFO)) as f:
+    info = json.load(f)
+  if info["model_hash"] != config_lib.model_hash(cfg):
+    raise UserError(f"{path} was exported from a different model than its config.json describes")
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      params = checkpointer.restore(os.path.abspath(os.path.join(path, "params")), abstract_params)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise UserError(f"export {path} cannot be restored ({type(e).__name__}: {e})") from e
+  return params, info["step"]
+
+
+def load_params(path: str, cfg: ml_collections.ConfigDict, abstract_params, step: int | None = None,
+                which: str = "ema") -> tuple[object, int]:
+  """Parameters for sampling from a run directory (its `which` params at `step`, default the
+  latest) or from an export folder. Returns (params, step)."""
+  if is_export(path):
+    if step is not None:
+      raise UserError(f"{path} is an export (one step); drop --step")
+    return restore(path, cfg, abstract_params)
+  checkpointer = ckpt_lib.Checkpointer(path)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise UserError(f"no checkpoint in {checkpointer.directory}; train first (jaxvid train ...)")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise UserError(f"no checkpoint for --step {step}; available: {steps}")
+    checkpointer.check_compatible(step, cfg)
+    return checkpointer.restore_params(step, abstract_params, which), step
+  finally:
+    checkpointer.close()
+
+
+def export_run(workdir: str, output: str, step: int | None = None) -> None:
+  """`jaxvid export`: the EMA parameters of `workdir` at `step` (default latest) to `output`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{path} not found; --workdir must be a directory written by `jaxvid train`")
+  if is_export(workdir):
+    raise UserError(f"{workdir} is already an export")
+  with open(path) as f:
+    cfg = config_lib.from_json(f.read())
+  if os.path.exists(output):
+    raise UserError(f"--output {output} already exists; choose a new path (nothing was overwritten)")
+  config_lib.validate(cfg, jax.device_count())
+  mesh = mesh_lib.make_mesh(cfg)
+  _, abstract = state_lib.abstract_model(cfg)
+  target = ckpt_lib.with_shardings(abstract, state_lib.param_shardings(abstract, mesh, sharding.rules_from_config(cfg)))
+  params, step = load_params(workdir, cfg, target, step, "ema")
+  export(cfg, params, step, workdir, output)
+  log.info("exported the EMA parameters of %s at step %d to %s", workdir, step, output)

@@ -1,0 +1,45 @@
+"""Stopping cleanly: SIGTERM (cloud preemption, `kill`), Ctrl-C, or JAX's multi-host
+preemption notice become a request to save a checkpoint at the next step boundary and exit 0.
+
+A second Ctrl-C stops at once (the last complete checkpoint is still there).
+"""
+
+import logging
+import signal
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+log = logging.getLogger("jaxvid")
+
+
+class StopRequest:
+  """Installs handlers for SIGTERM and SIGINT while in a `with` block."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self) -> "StopRequest":
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame) -> None:
+    if self.signal == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal = signum
+    log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
+                signal.Signals(signum).name)
+
+  def should_stop(self, step: int) -> bool:
+    """True on every process at the same step once any process was asked to stop."""
+    if jax.process_count() == 1:
+      return self.signal is not None
+    asked = multihost_utils.process_allgather(np.array(self.signal is not None))
+    return bool(np.any(asked)) or multihost_utils.reached_preemption_sync_point(step)

@@ -1,0 +1,207 @@
+"""Fault tolerance: bit-exact resume after SIGKILL, SIGTERM and Ctrl-C at random steps,
+interrupted saves, restoring onto other meshes, export, and --init_from.
+
+The kill tests run `jaxvid train` as real subprocesses (one CPU device each) and compare
+them with an uninterrupted run: parameters, optimizer state and logged losses match bitwise.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import SMALL, TINY, train_small
+from jaxvid import cli, config
+from jaxvid.parallel import mesh as mesh_lib
+from jaxvid.parallel import sharding
+from jaxvid.sample import writer
+from jaxvid.train import checkpoint as ckpt_lib
+from jaxvid.train import state as state_lib
+
+# 8 frames of 32x32 (256 tokens): slow enough (~0.1 s a step) to be killed at a chosen step.
+KILL_RUN = SMALL + ["--config.video.frames=8", "--config.video.height=32", "--config.video.width=32",
+                    "--config.train.steps=30", "--config.checkpoint.every=5", "--config.train.log_every=1",
+                    "--config.checkpoint.keep=10"]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)            # one device: the subprocesses compile faster
+  return env
+
+
+def _start(workdir, *extra):
+  return subprocess.Popen([sys.executable, "-m", "jaxvid", "train", "--config", TINY, "--workdir", str(workdir),
+                           *KILL_RUN, *extra], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def _logged_step(workdir):
+  try:
+    return max(_losses(workdir), default=0)
+  except (FileNotFoundError, ValueError, json.JSONDecodeError):
+    return 0
+
+
+def _restore(workdir, step, mesh=None, devices=None):
+  cfg = config.from_json(open(os.path.join(workdir, "config.json")).read())
+  if mesh is not None:
+    cfg.mesh.update(dict(zip(("data", "fsdp", "tensor", "sequence"), mesh)))
+  m = mesh_lib.make_mesh(cfg, devices)
+  tx, _ = state_lib.make_optimizer(cfg)
+  _, _, abstract = state_lib.abstract_state(cfg, tx)
+  shardings = state_lib.state_shardings(abstract, m, sharding.rules_from_config(cfg))
+  ckpt = ckpt_lib.Checkpointer(str(workdir))
+  state = ckpt.restore(step, ckpt_lib.with_shardings(abstract, shardings))
+  ckpt.close()
+  return state, m
+
+
+def _assert_same_state(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The uninterrupted 30-step run."""
+  workdir = tmp_path_factory.mktemp("ref") / "run"
+  proc = _start(workdir)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGKILL", "SIGTERM", "SIGINT"])
+def test_resume_after_kill_is_bit_exact(reference, tmp_path, how):
+  rng = random.Random()
+  kill_at = rng.randint(6, 24)                 # after at least one checkpoint, before the end
+  workdir = tmp_path / "run"
+  proc = _start(workdir)
+  deadline = time.time() + 300
+  while _logged_step(workdir) < kill_at and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.005)
+  assert proc.poll() is None, f"finished before the kill at step {kill_at}"
+  proc.send_signal(getattr(signal, how))
+  out, _ = proc.communicate(timeout=300)
+  steps = ckpt_lib.Checkpointer(str(workdir)).all_steps()
+  if how == "SIGKILL":
+    assert proc.returncode == -signal.SIGKILL
+  else:   # a clean stop: a checkpoint at the step where it stopped, and exit 0
+    assert proc.returncode == 0, out
+    assert f"stopped at step {steps[-1]} of 30: saved" in out, out
+    assert steps[-1] >= kill_at
+  assert steps and steps[-1] < 30, (how, kill_at, steps)
+
+  proc = _start(workdir)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  assert f"resumed from {workdir}/checkpoints/{steps[-1]}" in out, out
+  assert _losses(workdir) == _losses(reference), (how, kill_at)
+  a, _ = _restore(reference, 30)
+  b, _ = _restore(workdir, 30)
+  _assert_same_state(a, b)
+
+
+def test_an_interrupted_save_is_never_resumed(tmp_path):
+  workdir = tmp_path / "run"
+  assert train_small(workdir, "--config.train.steps=4", "--config.checkpoint.every=2",
+                     "--config.train.log_every=1") == 0
+  ckpts = workdir / "checkpoints"
+  # What a kill leaves behind: an Orbax temporary folder, and a step folder without its commit marker.
+  shutil.copytree(ckpts / "4", ckpts / "6.orbax-checkpoint-tmp-1700000000")
+  shutil.copytree(ckpts / "4", ckpts / "4.tmp")
+  shutil.rmtree(ckpts / "4")
+  os.rename(ckpts / "4.tmp", ckpts / "4")
+  os.remove(ckpts / "4" / ckpt_lib.COMMIT_MARKER)
+  assert ckpt_lib.Checkpointer(str(workdir)).latest_step() == 2
+  assert train_small(workdir, "--config.train.steps=6", "--config.checkpoint.every=2",
+                     "--config.train.log_every=1") == 0
+  assert sorted(_losses(workdir)) == [1, 2, 3, 4, 5, 6]
+  left = sorted(os.listdir(ckpts))
+  assert "6.orbax-checkpoint-tmp-1700000000" in left                 # nothing deleted ...
+  assert any(name.startswith("4.incomplete-") for name in left)        # ... only set aside
+  assert ckpt_lib.Checkpointer(str(workdir)).all_steps() == [4, 6]     # checkpoint.keep=2 of tiny.py
+
+
+@pytest.mark.parametrize("save_mesh, restore_mesh", [
+    ((1, 8, 1, 1), (2, 4, 1, 1)),
+    ((1, 8, 1, 1), None),            # one device
+    (None, (1, 8, 1, 1)),
+    ((2, 2, 2, 1), (1, 4, 2, 1)),
+])
+def test_restore_onto_another_mesh_is_exact(tmp_path, save_mesh, restore_mesh):
+  one = [jax.devices()[0]]
+  mesh_args = lambda m: [f"--config.mesh.{a}={s}" for a, s in zip(("data", "fsdp", "tensor", "sequence"), m or (1, 1, 1, 1))]
+  workdir = tmp_path / "run"
+  if save_mesh is None:
+    # Train on 8 devices, then rewrite the checkpoint from a 1-device mesh.
+    assert train_small(workdir, "--config.train.steps=2", *mesh_args((8, 1, 1, 1))) == 0
+    state, _ = _restore(workdir, 2, (1, 1, 1, 1), one)
+    shutil.rmtree(workdir / "checkpoints")
+    cfg = config.from_json(open(workdir / "config.json").read())
+    ckpt = ckpt_lib.Checkpointer(str(workdir))
+    from jaxvid.data import pipeline
+    ckpt.save(2, state, iter(pipeline.make_dataset(cfg, 0, 1)), cfg)
+    ckpt.wait()
+    ckpt.close()
+  else:
+    assert train_small(workdir, "--config.train.steps=2", *mesh_args(save_mesh)) == 0
+  source, _ = _restore(workdir, 2, save_mesh or (1, 1, 1, 1), None if save_mesh else one)
+  target, m = _restore(workdir, 2, restore_mesh or (1, 1, 1, 1), None if restore_mesh else one)
+  _assert_same_state(source, target)
+  kernel = target.params["blocks"]["attn1"]["q"]["kernel"][...]
+  assert kernel.sharding.mesh.shape == m.shape                 # placed on the target mesh directly
+  assert len(kernel.sharding.device_set) == m.size
+
+
+def test_export_samples_the_same_video_as_its_run(trained_run, tmp_path):
+  exported = tmp_path / "export"
+  assert cli.main(["export", "--workdir", str(trained_run), "--output", str(exported)]) == 0
+  assert sorted(os.listdir(exported)) == ["config.json", "export.json", "params"]
+  assert cli.main(["export", "--workdir", str(trained_run), "--output", str(exported)]) == 2   # never overwrites
+  args = ["--prompt", "a red circle moving left", "--config.sample.seed=3"]
+  assert cli.main(["sample", "--workdir", str(trained_run), "--output", str(tmp_path / "a"), *args]) == 0
+  assert cli.main(["sample", "--workdir", str(exported), "--output", str(tmp_path / "b"), *args]) == 0
+  name = "a_red_circle_moving_left-3"
+  np.testing.assert_array_equal(writer.read_mp4(tmp_path / "a" / f"{name}.mp4"),
+                                writer.read_mp4(tmp_path / "b" / f"{name}.mp4"))
+  assert json.load(open(tmp_path / "b" / f"{name}.json"))["checkpoint_step"] == 4
+  # No pickle anywhere in what we save.
+  for d, _, files in os.walk(trained_run / "checkpoints"):
+    assert not [f for f in files if f.endswith((".pkl", ".pickle"))]
+
+
+def test_init_from_takes_parameters_and_optionally_the_optimizer(trained_run, tmp_path):
+  for name, flags in (("params", []), ("opt", ["--init_optimizer"])):
+    workdir = tmp_path / name
+    shutil.rmtree(workdir, ignore_errors=True)
+    assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), *SMALL, "--config.train.steps=1",
+                     "--config.optim.lr=0.0", "--init_from", str(trained_run), *flags]) == 0
+    source, _ = _restore(trained_run, 4)
+    state, _ = _restore(workdir, 1)
+    assert int(state.step) == 1
+    for x, y in zip(jax.tree.leaves(source.params), jax.tree.leaves(state.params)):   # lr 0: unchanged
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    count = int(state.opt_state[1][0].count)
+    assert count == (5 if flags else 1)
+
+
+def test_init_from_another_model_is_refused(trained_run, tmp_path, capsys):
+  assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), *SMALL,
+                   "--config.model.width=64", "--init_from", str(trained_run)]) == 2
+  assert "is a different model" in capsys.readouterr().err
