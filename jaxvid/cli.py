@@ -73,15 +73,18 @@ def run(argv: list[str]) -> None:
   _setup_logging(args.verbose)
 
   from jaxvid import config as config_lib  # heavy imports after parsing, so --help is fast
+  from jaxvid.parallel import distributed
   if args.command == "train":
     from jaxvid.train import loop
     if args.init_optimizer and not args.init_from:
       raise UserError("--init_optimizer needs --init_from RUN_DIR")
-    loop.train(config_lib.load(args.config, overrides), args.workdir, init_from=args.init_from,
-               init_optimizer=args.init_optimizer)
+    cfg = config_lib.load(args.config, overrides)
+    distributed.initialize(cfg)
+    loop.train(cfg, args.workdir, init_from=args.init_from, init_optimizer=args.init_optimizer)
   elif args.command == "sample":
     from jaxvid.sample import job
     cfg = job.load_run_config(args.workdir, overrides)
+    distributed.initialize(cfg)
     items = job.single_prompt(args.prompt, cfg) if args.prompt is not None else job.read_prompts(args.prompts, cfg)
     job.sample(cfg, args.workdir, items, args.output, step=args.step)
   elif args.command == "export":

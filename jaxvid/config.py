@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DATA_SOURCES = ("synthetic", "files", "latents")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+CONTEXT_PARALLEL = ("ulysses", "ring")
 
 
 def base_config() -> ConfigDict:
@@ -49,6 +50,7 @@ def base_config() -> ConfigDict:
   c.model.dtype = "bfloat16"       # compute dtype
   c.model.remat = "none"           # one of REMAT_POLICIES
   c.model.attention = "xla"        # jax.nn.dot_product_attention
+  c.model.context_parallel = "ulysses"   # with mesh.sequence > 1: "ulysses" (all-to-all) or "ring"
 
   # Text encoder: byte-level, trained jointly (see jaxvid/models/text.py).
   c.text = ConfigDict()
@@ -92,6 +94,10 @@ def base_config() -> ConfigDict:
   c.data.split = "train"           # synthetic: "train" holds out some captions, "all" does not
   c.data.workers = 0               # grain worker processes (0: in the main process)
   c.data.prefetch = 2              # batches buffered ahead
+
+  # Multi-host (see parallel/distributed.py); the environment can supply all of it.
+  c.distributed = ConfigDict(dict(initialize="auto", coordinator="", num_processes=0, process_id=-1,
+                                  timeout_s=300))
 
   # Mesh axis sizes; -1 takes the remaining devices. The product must equal the device count.
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
@@ -251,6 +257,12 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
     raise UserError(f"model.heads={m.heads} is not divisible by mesh.tensor={sizes['tensor']}")
   if num_tokens(cfg) % sizes["sequence"]:
     raise UserError(f"{num_tokens(cfg)} tokens per clip are not divisible by mesh.sequence={sizes['sequence']}")
+  if m.context_parallel not in CONTEXT_PARALLEL:
+    raise UserError(f"model.context_parallel={m.context_parallel!r} must be one of {CONTEXT_PARALLEL}")
+  local_heads = m.heads // sizes["tensor"]
+  if sizes["sequence"] > 1 and m.context_parallel == "ulysses" and local_heads % sizes["sequence"]:
+    raise UserError(f"model.context_parallel='ulysses' needs model.heads/mesh.tensor={local_heads} divisible by "
+                    f"mesh.sequence={sizes['sequence']}; use --config.model.context_parallel=ring")
 
 
 def num_tokens(cfg: ConfigDict) -> int:
@@ -288,7 +300,7 @@ def model_hash(cfg: ConfigDict) -> str:
 
 def _model_keys(cfg: ConfigDict) -> dict:
   """The flat {key: value} that fixes the parameters (not how the model runs)."""
-  keys = {f"model.{k}": v for k, v in cfg.model.items() if k not in ("dtype", "remat", "attention")}
+  keys = {f"model.{k}": v for k, v in cfg.model.items() if k not in ("dtype", "remat", "attention", "context_parallel")}
   keys.update({f"text.{k}": v for k, v in cfg.text.items() if k != "drop_rate"})
   keys["video.channels"] = cfg.video.channels
   return keys

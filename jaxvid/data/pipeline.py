@@ -1,7 +1,8 @@
 """The input pipeline: a grain dataset per process, ending in globally sharded batches.
 
   source (random access, deterministic by (seed, index))
-    -> this process's shard: indices process_index, process_index + process_count, ...
+    -> this process's shard: its contiguous block of every global batch (`ProcessShard`), so
+       the global batch is the same examples in the same order for any process count
     -> map: tokenize the caption                  {"video": uint8 [T, H, W, C], "tokens": int32 [L]}
     -> batch of the per-process batch size
     -> iterator (worker processes and prefetch from config.data)
@@ -51,12 +52,28 @@ def make_source(cfg: ml_collections.ConfigDict):
                                 split=cfg.data.split)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProcessShard:
+  """Random access to process `index` of `count`'s examples: in the global batch j of size
+  `batch`, the block [j * batch + index * batch / count, ... + batch / count)."""
+  source: object
+  index: int
+  count: int
+  batch: int
+
+  def __len__(self) -> int:
+    return len(self.source) // self.batch * (self.batch // self.count)
+
+  def __getitem__(self, i: int):
+    local = self.batch // self.count
+    return self.source[(i // local) * self.batch + self.index * local + i % local]
+
+
 def make_dataset(cfg: ml_collections.ConfigDict, process_index: int, process_count: int) -> grain.IterDataset:
   """This process's stream of batches of train.batch_size / process_count examples."""
   if cfg.train.batch_size % process_count:
     raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide over {process_count} processes")
-  ds = grain.MapDataset.source(make_source(cfg))
-  ds = ds[process_index::process_count]
+  ds = grain.MapDataset.source(ProcessShard(make_source(cfg), process_index, process_count, cfg.train.batch_size))
   ds = ds.map(Tokenize(text.make_tokenizer(cfg)))
   ds = ds.batch(cfg.train.batch_size // process_count, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=cfg.data.prefetch))

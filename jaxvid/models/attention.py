@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxvid.models import layers, rope
+from jaxvid.parallel import context as cp
 from jaxvid.parallel import sharding as sh
 
 BACKENDS = ("xla",)
@@ -30,12 +31,14 @@ class Attention(nnx.Module):
 
   Self-attention when `context` is None (then `angles` [N, K/2] rotates q and k),
   cross-attention to `context` [B, L, D] otherwise. `kv_mask` [B, L] marks valid keys.
+  `context_parallel` ("ulysses" or "ring", video self-attention only) is how attention runs
+  when the tokens are split over the mesh's sequence axis (see parallel/context.py).
   """
 
   def __init__(self, dim: int, heads: int, *, qk_norm: bool, eps: float, backend: str,
-               dtype, param_dtype, rngs: nnx.Rngs):
+               dtype, param_dtype, rngs: nnx.Rngs, context_parallel: str | None = None):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.heads, self.backend = heads, backend
+    self.heads, self.backend, self.context_parallel = heads, backend, context_parallel
     self.q = layers.dense(dim, dim, (sh.EMBED, sh.HEADS), **kw)
     self.k = layers.dense(dim, dim, (sh.EMBED, sh.HEADS), **kw)
     self.v = layers.dense(dim, dim, (sh.EMBED, sh.HEADS), **kw)
@@ -57,5 +60,9 @@ class Attention(nnx.Module):
     q = sh.constrain(q, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, None))
     if angles is not None:
       q, k = rope.apply_rope(q, angles), rope.apply_rope(k, angles)
-    out = attend(q, k, v, kv_mask, self.backend)
+    if self.context_parallel and context is None and kv_mask is None:
+      out = cp.self_attention(q, k, v, self.context_parallel,
+                                   lambda q, k, v: attend(q, k, v, None, self.backend))
+    else:
+      out = attend(q, k, v, kv_mask, self.backend)
     return self.o(out.reshape(*out.shape[:2], -1))

@@ -54,10 +54,10 @@ class Block(nnx.Module):
     m = cfg.model
     d = m.width
     kw = dict(param_dtype=param_dtype, rngs=rngs)
-    attn = lambda: attention.Attention(d, m.heads, qk_norm=m.qk_norm, eps=m.eps, backend=m.attention,
-                                       dtype=dtype, **kw)
+    attn = lambda **a: attention.Attention(d, m.heads, qk_norm=m.qk_norm, eps=m.eps, backend=m.attention,
+                                           dtype=dtype, **kw, **a)
     self.norm1 = layers.layer_norm(d, eps=m.eps, affine=False, **kw)
-    self.attn1 = attn()
+    self.attn1 = attn(context_parallel=m.context_parallel)
     self.norm2 = layers.layer_norm(d, eps=m.eps, affine=m.cross_attn_norm, **kw)
     self.attn2 = attn()
     self.norm3 = layers.layer_norm(d, eps=m.eps, affine=False, **kw)

@@ -75,9 +75,14 @@ def activation_rules(mesh: Mesh, rules: Rules):
     _context.value = previous
 
 
+def current() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) of the enclosing `activation_rules`, or None."""
+  return getattr(_context, "value", None)
+
+
 def constrain(x: jax.Array, logical: tuple) -> jax.Array:
   """Sharding constraint by logical axis names; a no-op outside `activation_rules`."""
-  ctx = getattr(_context, "value", None)
+  ctx = current()
   if ctx is None:
     return x
   mesh, rules = ctx

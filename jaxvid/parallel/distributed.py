@@ -1,0 +1,104 @@
+"""Multi-host: joining JAX's own multi-process runtime before any device is touched.
+
+Every process of a job runs the same command. Where the cluster is described comes from,
+in order: `config.distributed.*`, then the environment (`JAX_COORDINATOR_ADDRESS`,
+`JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`, as `launch/local.sh` sets them), then JAX's own
+detection of TPU pods, SLURM and other clusters (`distributed.initialize=on`).
+
+  distributed.initialize  "auto": join when a coordinator is given or SLURM ran several
+                          tasks; "on": always (lets JAX detect TPU pods); "off": never
+"""
+
+import logging
+import os
+import socket
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxvid import config as config_lib
+from jaxvid.errors import UserError
+
+log = logging.getLogger("jaxvid")
+
+
+def _settings(cfg: ml_collections.ConfigDict) -> tuple[str | None, int | None, int | None]:
+  d = cfg.distributed
+  env = os.environ
+  coordinator = d.coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None
+  num = d.num_processes if d.num_processes > 0 else int(env.get("JAX_NUM_PROCESSES", 0)) or None
+  pid = d.process_id if d.process_id >= 0 else int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None
+  return coordinator, num, pid
+
+
+def initialize(cfg: ml_collections.ConfigDict) -> None:
+  """Joins the multi-process job if there is one; then checks all processes run `cfg`."""
+  mode = cfg.distributed.initialize
+  if mode not in ("auto", "on", "off"):
+    raise UserError(f"distributed.initialize={mode!r} must be 'auto', 'on' or 'off'")
+  coordinator, num, pid = _settings(cfg)
+  slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+  if mode == "off" or (mode == "auto" and coordinator is None and slurm_tasks < 2):
+    return
+  if jax.distributed.is_initialized():
+    return
+  if coordinator is not None and (num is None or pid is None):
+    raise UserError(f"coordinator {coordinator} given without the process count and id; set "
+                    "JAX_NUM_PROCESSES and JAX_PROCESS_ID (or distributed.num_processes/process_id)")
+  timeout = cfg.distributed.timeout_s
+  if coordinator is not None and pid != 0:
+    # JAX's client aborts the whole process when it cannot register in time; find out first.
+    _wait_for(coordinator, timeout)
+  # CPU devices of several processes talk through gloo (GPUs and TPUs have their own).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid,
+                               initialization_timeout=timeout)
+  except Exception as e:  # JAX raises RuntimeError/ValueError/XlaRuntimeError; one line is enough.
+    where = coordinator or "the detected cluster"
+    raise UserError(f"could not join the multi-process job at {where} within distributed.timeout_s={timeout} "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check that process 0 is "
+                    "running and the address and port are reachable") from e
+  log.info("process %d of %d (%d local devices, %d in all)", jax.process_index(), jax.process_count(),
+           jax.local_device_count(), jax.device_count())
+  check_same_config(cfg)
+
+
+def _wait_for(address: str, timeout: float) -> None:
+  """Returns once a TCP connection to host:port succeeds; UserError after `timeout` seconds."""
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise UserError(f"coordinator address {address!r} must be HOST:PORT")
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout)).close()
+      return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise UserError(f"could not join the multi-process job at {address} within distributed.timeout_s="
+                        f"{timeout} ({e}); check that process 0 is running and the address and port are "
+                        "reachable") from None
+      time.sleep(0.5)
+
+
+def check_same_config(cfg: ml_collections.ConfigDict) -> None:
+  """Every process must run the same config (apart from where it sits in the cluster)."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  digest = int(config_lib.config_hash(_without_placement(cfg))[:8], 16)
+  hashes = np.asarray(multihost_utils.process_allgather(np.int64(digest))).reshape(-1)
+  if len(set(hashes.tolist())) > 1:
+    differ = [i for i, h in enumerate(hashes.tolist()) if h != hashes[0]]
+    raise UserError(f"processes {differ} run a different config from process 0; launch every process "
+                    "with the same --config file and --config.* overrides")
+
+
+def _without_placement(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  cfg = config_lib.from_json(config_lib.to_json(cfg))
+  with cfg.unlocked():
+    cfg.distributed.process_id = -1
+  return cfg

@@ -1,0 +1,80 @@
+"""Real multi-process JAX jobs on this machine (launch/local.sh: processes joined by
+jax.distributed over 127.0.0.1 with gloo collectives)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, SMALL, TINY, train_small
+
+pytestmark = pytest.mark.multiprocess
+
+RUN = SMALL + ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.train.log_every=1"]
+
+
+def _env(**extra):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
+  env.update(extra)
+  return env
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["loss"] for line in f]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  workdir = tmp_path / "mp"
+  proc = subprocess.run([os.path.join(REPO, "launch", "local.sh"), "2", "4", sys.executable, "-m", "jaxvid",
+                         "train", "--config", TINY, "--workdir", str(workdir), *RUN],
+                        env=_env(JAXVID_LOG_DIR=str(tmp_path / "logs")), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr + open(tmp_path / "logs" / "process_1.log").read()
+  assert "process 0 of 2 (4 local devices, 8 in all)" in proc.stdout
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert "process 1 of 2" in open(tmp_path / "logs" / "process_1.log").read()
+
+  single = tmp_path / "single"
+  assert train_small(single, *RUN[len(SMALL):]) == 0       # one process, the same 8 devices
+  # Same global batches and the same program; gloo's all-reduce sums in its own order.
+  assert _losses(workdir) == pytest.approx(_losses(single), rel=1e-5)
+
+
+def _free_port():
+  s = socket.socket()
+  s.bind(("127.0.0.1", 0))
+  port = s.getsockname()[1]
+  s.close()
+  return port
+
+
+def test_unreachable_coordinator_is_a_clear_error(tmp_path):
+  env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1")
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, "-m", "jaxvid", "train", "--config", TINY, "--workdir", str(tmp_path / "w"),
+                         *SMALL, "--config.distributed.timeout_s=5"], env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert "could not join the multi-process job at 127.0.0.1" in proc.stderr
+  assert time.time() - t0 < 60
+  assert not (tmp_path / "w").exists()
+
+
+def test_processes_with_different_configs_are_refused(tmp_path):
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "jaxvid", "train", "--config", TINY, "--workdir", str(tmp_path / "w"),
+                             *SMALL, f"--config.optim.lr={lr}", "--config.distributed.timeout_s=60"],
+                            env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                     JAX_PROCESS_ID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i, lr in enumerate((1e-3, 2e-3))]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 2, out
+    assert "processes [1] run a different config from process 0" in out, out
+  assert not (tmp_path / "w").exists()
