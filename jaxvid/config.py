@@ -100,7 +100,10 @@ def base_config() -> ConfigDict:
                                   timeout_s=300))
 
   # Mesh axis sizes; -1 takes the remaining devices. The product must equal the device count.
-  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1,
+                           # Multi-slice / multi-node: how many slices (TPU) or hosts (GPU) each axis
+                           # spans over the slower data-center network; each size above must divide.
+                           dcn_data=1, dcn_fsdp=1, dcn_tensor=1, dcn_sequence=1))
   # Logical axis -> mesh axes ("" replicates; "a,b" shards over both). See parallel/sharding.py.
   c.sharding = ConfigDict(dict(
       batch="data,fsdp", length="sequence", act_embed="", act_heads="tensor",
@@ -257,6 +260,10 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
     raise UserError(f"model.heads={m.heads} is not divisible by mesh.tensor={sizes['tensor']}")
   if num_tokens(cfg) % sizes["sequence"]:
     raise UserError(f"{num_tokens(cfg)} tokens per clip are not divisible by mesh.sequence={sizes['sequence']}")
+  for a in MESH_AXES:
+    dcn = cfg.mesh[f"dcn_{a}"]
+    if dcn < 1 or sizes[a] % dcn:
+      raise UserError(f"mesh.dcn_{a}={dcn} must be positive and divide mesh.{a}={sizes[a]}")
   if m.context_parallel not in CONTEXT_PARALLEL:
     raise UserError(f"model.context_parallel={m.context_parallel!r} must be one of {CONTEXT_PARALLEL}")
   local_heads = m.heads // sizes["tensor"]

@@ -10,7 +10,9 @@ import optax
 from jaxvid.data import pipeline
 from jaxvid.diffusion import flow as flow_lib
 from jaxvid.models import text
+from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
+from jaxvid.train import state as state_lib
 from jaxvid.train.state import TrainState
 
 
@@ -67,3 +69,18 @@ def compile_train_step(train_step, mesh: Mesh, rules: sharding.Rules, state_shar
 
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+def compile_for_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh) -> jax.stages.Compiled:
+  """The train step for `cfg` compiled on `mesh` from abstract inputs (nothing is allocated),
+  for cost and memory analysis (`.memory_analysis()`, `.cost_analysis()`)."""
+  rules = sharding.rules_from_config(cfg)
+  tx, schedule = state_lib.make_optimizer(cfg)
+  graphdef, _, abstract = state_lib.abstract_state(cfg, tx)
+  shardings = state_lib.state_shardings(abstract, mesh, rules)
+  batch = pipeline.batch_spec(cfg)
+  batch_shardings = {k: mesh_lib.batch_sharding(mesh, rules, len(v.shape)) for k, v in batch.items()}
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch.items()}
+  step = compile_train_step(make_train_step(cfg, graphdef, tx, schedule), mesh, rules, shardings, batch_shardings)
+  return step.lower(state, batch).compile()
