@@ -29,7 +29,9 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
 def _hybrid(shape: tuple[int, ...], dcn: tuple[int, ...], devices: list) -> np.ndarray:
   """Devices laid out so that axis i spans dcn[i] slices (TPU) or processes (GPU, CPU)."""
   ici = tuple(s // d for s, d in zip(shape, dcn))
-  by_slice = hasattr(devices[0], "slice_index")
+  # Slices are the outer granule on multi-slice TPU; elsewhere (GPU nodes, CPU processes, and platforms
+  # that set slice_index to 0 everywhere) the processes are.
+  by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
   try:
     return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
   except (ValueError, AssertionError) as e:

@@ -122,6 +122,19 @@ def test_bad_meshes_are_one_line_errors():
     mesh_lib.make_mesh(cfg)            # one process cannot span two hosts
 
 
+@pytest.mark.parametrize("slices, granule", [(lambda i: 0, "process_index"), (lambda i: i // 4, "slice_index")])
+def test_hybrid_mesh_spans_processes_unless_devices_sit_in_several_slices(slices, granule):
+  # Device records as a 2-process job reports them; some CPU/GPU builds set slice_index=0 on every device, and
+  # then the processes (not the single slice) must be the outer (DCN) granule.
+  import types
+  devices = [types.SimpleNamespace(id=i, process_index=i // 2 if granule == "slice_index" else i // 4,
+                                   slice_index=slices(i), platform="cpu", device_kind="cpu") for i in range(8)]
+  grid = mesh_lib._hybrid((2, 4, 1, 1), (2, 1, 1, 1), devices)
+  assert grid.shape == (2, 4, 1, 1)
+  for outer in range(2):                  # each index of the dcn axis holds exactly one granule
+    assert {getattr(d, granule) for d in grid[outer].ravel()} == {outer}
+
+
 def test_sampling_gives_the_same_video_on_one_device_and_on_split_meshes(trained_run, tmp_path):
   import os
   import subprocess
