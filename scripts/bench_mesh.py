@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 from jaxvid import config as config_lib  # noqa: E402
 from jaxvid.data import pipeline  # noqa: E402
+from jaxvid.errors import UserError  # noqa: E402
 from jaxvid.parallel import mesh as mesh_lib  # noqa: E402
 from jaxvid.parallel import sharding  # noqa: E402
 from jaxvid.train import state as state_lib  # noqa: E402
@@ -83,22 +84,36 @@ def measure(cfg, run_steps: int, host_gb: float) -> dict:
   return row
 
 
-def longest(spec, overrides, mesh, scheme, batch, budget_gb: float, tokens_per_frame: int) -> int:
-  """The most frames (doubling) whose per-device memory fits the budget; returns tokens."""
-  best, frames = 0, 8
+def split_one_clip(spec, overrides, scheme) -> list[dict]:
+  """Per-device memory of the train step on one clip (batch 1) split over 1, 2, 4, ... devices."""
+  rows, n = [], 1
+  while n <= jax.device_count():
+    cfg = _cfg(spec, overrides, (1, 1, 1, n), scheme, batch=1)
+    mem = step_lib.compile_for_mesh(cfg, mesh_lib.make_mesh(cfg, jax.devices()[:n])).memory_analysis()
+    rows.append({"sequence": n, "context_parallel": scheme, "state_and_batch_mb": round(mem.argument_size_in_bytes / 2**20, 1),
+                 "temp_mb": round(mem.temp_size_in_bytes / 2**20, 1)})
+    print(rows[-1], flush=True)
+    n *= 2
+  return rows
+
+
+def longest(spec, overrides, mesh, scheme, batch, budget_gb: float, frames: int) -> int:
+  """The longest clip (frames doubling from `frames`) whose per-device memory fits the budget, in tokens."""
+  best = 0
   while frames <= 4096:
     try:
       cfg = _cfg(spec, overrides, mesh, scheme, frames, batch)
-    except Exception:
+    except UserError:              # the clip no longer fits the mesh's divisibility rules
       break
     m = mesh_lib.make_mesh(cfg)
     mem = step_lib.compile_for_mesh(cfg, m).memory_analysis()
     used = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**30
-    print(f"  mesh {mesh} {scheme}: {frames * tokens_per_frame} tokens -> {used:.2f} GB per device", flush=True)
+    tokens = config_lib.num_tokens(cfg)
+    print(f"  mesh {mesh} {scheme}: {tokens} tokens -> {used:.2f} GB per device", flush=True)
     if used > budget_gb:
       break
-    best, frames = frames, frames * 2
-  return best * tokens_per_frame
+    best, frames = tokens, frames * 2
+  return best
 
 
 def main() -> None:
@@ -117,15 +132,14 @@ def main() -> None:
     row.update(measure(cfg, args.run_steps, args.host_gb))
     print(row, flush=True)
     rows.append(row)
+  split = split_one_clip(args.config, overrides, "ring") + split_one_clip(args.config, overrides, "ulysses")[1:]
   cfg = _cfg(args.config, overrides, (n, 1, 1, 1), "ulysses")
-  tokens_per_frame = config_lib.num_tokens(cfg) // (cfg.video.frames // cfg.model.patch[0])
+  first = cfg.model.patch[0]          # the shortest clip: one latent frame
   # One clip per device with data parallelism, versus one clip split over all devices.
   search = {
       "budget_gb_per_device": args.budget_gb,
-      "without_sequence_parallel": longest(args.config, overrides, (n, 1, 1, 1), "ulysses", n, args.budget_gb,
-                                           tokens_per_frame),
-      "with_sequence_parallel": longest(args.config, overrides, (1, 1, 1, n), "ring", 1, args.budget_gb,
-                                        tokens_per_frame),
+      "without_sequence_parallel": longest(args.config, overrides, (n, 1, 1, 1), "ulysses", n, args.budget_gb, first),
+      "with_sequence_parallel": longest(args.config, overrides, (1, 1, 1, n), "ring", 1, args.budget_gb, first),
   }
   print("\n| mesh (data, fsdp, tensor, sequence) | attention | tokens | compile s | step s | state+batch MB/device | temp MB/device |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -133,11 +147,16 @@ def main() -> None:
     step = "-" if r["step_s"] is None else r["step_s"]
     print(f"| {r['mesh']} | {r['context_parallel']} | {r['tokens']} | {r['compile_s']} | {step} | "
           f"{r['state_and_batch_mb']} | {r['temp_mb']} |")
+  print("\n| one clip split over sequence= | attention | state+batch MB/device | temp MB/device |")
+  print("| --- | --- | --- | --- |")
+  for r in split:
+    print(f"| {r['sequence']} | {r['context_parallel']} | {r['state_and_batch_mb']} | {r['temp_mb']} |")
   print(f"\nlongest clip within {args.budget_gb} GB per device: {search['without_sequence_parallel']} tokens "
         f"(one clip per device, data={n}), {search['with_sequence_parallel']} tokens (one clip over "
         f"sequence={n}, ring attention)")
   print(json.dumps({"config": args.config, "overrides": overrides, "device": jax.devices()[0].device_kind,
-                    "devices": n, "rows": rows, "longest": search}))
+                    "devices": n, "rows": rows, "split_one_clip": split,
+                    "longest": search}))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Prompt adherence of the `tiny` model on the synthetic data: train, sample held-out prompts,
 detect the moving object's color and direction from pixels, report accuracy against chance.
 
-  python scripts/quality_tiny.py --workdir runs/quality --steps 2000 [--config.KEY=VALUE ...]
+  python scripts/quality_tiny.py --workdir runs/quality [--steps 2000] [--minutes 20] [--config.KEY=VALUE ...]
 
 Steps 1 and 2 run the real CLI (`jaxvid train`, `jaxvid sample`); rerunning resumes both.
+Training stops at `--steps` or after `--minutes`, whichever comes first: at the deadline the
+script sends SIGTERM, and the trainer saves a checkpoint at the next step and exits 0.
 The held-out prompts are captions whose (color, shape, direction, background) combination
 never appears in training (each word does). Prints one JSON object last and writes it to
 WORKDIR/quality.json, with a picture of samples in WORKDIR/samples.png.
@@ -12,6 +14,7 @@ WORKDIR/quality.json, with a picture of samples in WORKDIR/samples.png.
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +31,7 @@ def main() -> None:
   p.add_argument("--workdir", default="runs/quality")
   p.add_argument("--config", default="configs/tiny.py")
   p.add_argument("--steps", type=int, default=2000, help="train.steps (the run stops earlier at --minutes)")
+  p.add_argument("--minutes", type=float, default=20.0, help="training time limit of this invocation")
   p.add_argument("--prompts", type=int, default=64)
   args, overrides = p.parse_known_args()
   args.overrides = [o for o in overrides if o.startswith("--config.")]
@@ -36,8 +40,16 @@ def main() -> None:
   os.makedirs(args.workdir, exist_ok=True)
 
   t0 = time.time()
-  subprocess.run([sys.executable, "-m", "jaxvid", "train", "--config", args.config, "--workdir", args.workdir,
-                  f"--config.train.steps={args.steps}", *args.overrides], check=True)
+  train = subprocess.Popen([sys.executable, "-m", "jaxvid", "train", "--config", args.config, "--workdir",
+                            args.workdir, f"--config.train.steps={args.steps}", *args.overrides])
+  try:
+    train.wait(timeout=args.minutes * 60)
+  except subprocess.TimeoutExpired:
+    print(f"quality_tiny: {args.minutes} minutes are up; stopping training (it saves a checkpoint)", flush=True)
+    train.send_signal(signal.SIGTERM)
+    train.wait()
+  if train.returncode:
+    sys.exit(f"quality_tiny: jaxvid train failed with exit status {train.returncode}")
   train_s = time.time() - t0
 
   scenes = synthetic.heldout_scenes(args.prompts, seed=1234)
@@ -61,13 +73,16 @@ def main() -> None:
     rows.append(video)
   _picture(rows[:8], [s.caption for s in scenes[:8]], os.path.join(args.workdir, "samples.png"))
 
+  with open(os.path.join(out, "heldout-000.json")) as f:
+    trained_step = json.load(f)["checkpoint_step"]
   with open(os.path.join(args.workdir, "metrics.jsonl")) as f:
     last = [json.loads(line) for line in f][-1]
   report = {
       "prompts": len(scenes), "heldout_combinations": True,
       "color_accuracy": color_ok / len(scenes), "color_chance": 1 / len(synthetic.COLORS),
       "direction_accuracy": direction_ok / len(scenes), "direction_chance": 1 / len(synthetic.DIRECTIONS),
-      "train_steps": last["step"], "final_loss": last["loss"], "train_seconds": round(train_s, 1),
+      "train_steps": trained_step, "train_steps_asked": args.steps, "last_logged_loss": last["loss"],
+      "train_seconds": round(train_s, 1),
       "sample_seconds": round(sample_s, 1), "config": args.config, "overrides": args.overrides,
   }
   with open(os.path.join(args.workdir, "quality.json"), "w") as f:
