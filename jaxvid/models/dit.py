@@ -1,6 +1,7 @@
 """The spacetime diffusion transformer (DiT), laid out like Wan 2.1's transformer.
 
   video [B, T, H, W, C] --3D patches--> tokens [B, N, D], N = (T/pt)(H/ph)(W/pw)
+                                          (+ fixed 3D sin-cos positions if model.pos_embed)
   text tokens [B, L] --byte encoder + MLP--> context [B, L, D]
   flow time t [B] --sinusoid + MLP--> temb [B, D] --SiLU + Linear--> 6 modulations [B, 6, D]
   depth x block (scanned):  adaLN(self-attention with 3D RoPE and RMS QK-norm)
@@ -84,7 +85,7 @@ class DiT(nnx.Module):
     m = cfg.model
     d, self.patch = m.width, tuple(m.patch)
     self.heads, self.freq_dim, self.rope_theta = m.heads, m.freq_dim, m.rope_theta
-    self.remat = m.remat
+    self.remat, self.pos_embed = m.remat, m.pos_embed
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     patch_dim = self.patch[0] * self.patch[1] * self.patch[2] * cfg.video.channels
@@ -116,6 +117,8 @@ class DiT(nnx.Module):
     b, frames, height, width, _ = x.shape
     grid = (frames // self.patch[0], height // self.patch[1], width // self.patch[2])
     tokens = self.patch_embedding(patchify(x, self.patch)).astype(jnp.float32)     # [B, N, D]
+    if self.pos_embed == "sincos":
+      tokens = tokens + rope.sincos_embedding(grid, tokens.shape[-1], self.rope_theta)[None]
     tokens = sh.constrain(tokens, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     context = self.text_embedding_2(jax.nn.gelu(self.text_embedding_1(text_emb), approximate=True))
     temb = self.time_embedding_2(jax.nn.silu(self.time_embedding_1(layers.timestep_features(t, self.freq_dim))))

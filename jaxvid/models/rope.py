@@ -1,7 +1,13 @@
-"""3D rotary position embedding over (time, height, width) patch positions.
+"""Positions of the (time, height, width) patch grid: 3D rotary and 3D sin-cos embeddings.
 
-The head dim K is split as in Wan 2.1: height and width get 2 * (K // 6) each, time the rest.
-Each part rotates consecutive pairs (x[2i], x[2i+1]) by its axis position times a frequency.
+Rotary (in every self-attention): the head dim K is split as in Wan 2.1: height and width get
+2 * (K // 6) each, time the rest. Each part rotates consecutive pairs (x[2i], x[2i+1]) by its
+axis position times a frequency. It tells attention how far apart two tokens are.
+
+Sin-cos (added once to the tokens, `model.pos_embed = "sincos"`): the same split of the width D,
+each part [cos, sin] of position times frequencies. It tells each token where it is: with
+rotary alone every token of a pure-noise input looks alike, so the first denoising steps cannot
+put more mass in the center than at the edges (or, in principle, on the right in early frames).
 """
 
 import jax
@@ -29,6 +35,18 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float) -> jax.
     shape[axis] = size
     parts.append(jnp.broadcast_to(angles.reshape(shape), (*grid, dim // 2)))
   return jnp.concatenate(parts, axis=-1).reshape(-1, head_dim // 2)
+
+
+def sincos_embedding(grid: tuple[int, int, int], dim: int, theta: float) -> jax.Array:
+  """Fixed absolute embedding of a (T', H', W') grid: [N, dim] float32, N = T' H' W'."""
+  parts = []
+  for axis, (size, d) in enumerate(zip(grid, axis_dims(dim))):
+    angles = jnp.arange(size, dtype=jnp.float32)[:, None] * _freqs(d, theta)[None, :]   # [size, d/2]
+    emb = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)                  # [size, d]
+    shape = [1, 1, 1, d]
+    shape[axis] = size
+    parts.append(jnp.broadcast_to(emb.reshape(shape), (*grid, d)))
+  return jnp.concatenate(parts, axis=-1).reshape(-1, dim)
 
 
 def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
