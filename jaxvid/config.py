@@ -43,6 +43,7 @@ def base_config() -> ConfigDict:
   c.model.mlp_dim = 1536
   c.model.freq_dim = 256           # sinusoidal timestep features
   c.model.rope_theta = 10000.0
+  c.model.pos_embed = "sincos"     # "sincos": also add fixed absolute 3D positions; "none": RoPE only (Wan)
   c.model.qk_norm = True           # RMS norm on queries and keys (across heads, as in Wan)
   c.model.cross_attn_norm = True   # affine LayerNorm before cross-attention (as in Wan)
   c.model.eps = 1e-6
@@ -52,9 +53,10 @@ def base_config() -> ConfigDict:
   c.model.attention = "xla"        # jax.nn.dot_product_attention
   c.model.context_parallel = "ulysses"   # with mesh.sequence > 1: "ulysses" (all-to-all) or "ring"
 
-  # Text encoder: byte-level, trained jointly (see jaxvid/models/text.py).
+  # Text encoder: a small transformer over bytes or hashed words, trained jointly (jaxvid/models/text.py).
   c.text = ConfigDict()
-  c.text.encoder = "bytes"
+  c.text.encoder = "bytes"          # "bytes" (UTF-8) or "words" (hashed, one token a word)
+  c.text.vocab = 4096              # hash buckets of "words" (bytes have 258 ids)
   c.text.max_len = 64              # tokens, including the leading BOS
   c.text.width = 128
   c.text.depth = 2
@@ -224,11 +226,17 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
                     "for 3D rotary embeddings")
   if cfg.text.width % cfg.text.heads:
     raise UserError(f"text.heads={cfg.text.heads} does not divide text.width={cfg.text.width}")
+  if cfg.text.encoder not in ("bytes", "words"):
+    raise UserError(f"text.encoder={cfg.text.encoder!r} must be 'bytes' or 'words'")
+  if cfg.text.vocab < 3:
+    raise UserError(f"text.vocab={cfg.text.vocab} must be at least 3")
   if cfg.text.max_len < 2:
     raise UserError(f"text.max_len={cfg.text.max_len} must be at least 2")
   for key in ("param_dtype", "dtype"):
     if m[key] not in DTYPES:
       raise UserError(f"model.{key}={m[key]!r} must be one of {DTYPES}")
+  if m.pos_embed not in ("sincos", "none"):
+    raise UserError(f"model.pos_embed={m.pos_embed!r} must be 'sincos' or 'none'")
   if m.remat not in REMAT_POLICIES:
     raise UserError(f"model.remat={m.remat!r} must be one of {REMAT_POLICIES}")
   if cfg.flow.timestep not in ("logit_normal", "uniform"):

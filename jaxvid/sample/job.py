@@ -153,7 +153,7 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
   tokenizer = text.make_tokenizer(cfg)
   for it in todo:
     if tokenizer.truncates(it.prompt):
-      log.warning("item %s: prompt longer than text.max_len=%d bytes is truncated", it.id, cfg.text.max_len)
+      log.warning("item %s: prompt longer than text.max_len=%d tokens is truncated", it.id, cfg.text.max_len)
   batch = cfg.sample.batch_size
   batch += -batch % (mesh.shape["data"] * mesh.shape["fsdp"])   # whole shards per device
   in_sharding = lambda ndim: mesh_lib.batch_sharding(mesh, rules, ndim)

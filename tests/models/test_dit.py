@@ -8,12 +8,13 @@ from flax import nnx
 
 from conftest import SMALL, TINY
 from jaxvid import config
+from jaxvid.data import synthetic
 from jaxvid.models import dit, rope, text
 
 
 def _forward(cfg, x, t, captions):
   model = dit.build(cfg)
-  tokens = jnp.asarray(text.ByteTokenizer(cfg.text.max_len)(captions))
+  tokens = jnp.asarray(text.make_tokenizer(cfg)(captions))
   emb, mask = model.encode_text(tokens)
   return model, model(x, t, emb, mask)
 
@@ -56,14 +57,42 @@ def test_rope_depends_only_on_relative_position():
   assert score(idx(0, 1, 1), idx(1, 2, 3)) != pytest.approx(score(idx(0, 1, 1), idx(2, 2, 3)), rel=1e-3)
 
 
-def test_text_changes_the_output_once_trained_weights_are_nonzero():
-  cfg = config.load(TINY, SMALL)
+def _nonzero_model(cfg):
+  """The model with its zero-initialized parameters made random, so every path reaches the output."""
   model = dit.build(cfg)
-  # Break the zero init so the text path reaches the output.
   for path, p in nnx.iter_graph(model):
     if isinstance(p, nnx.Param) and not np.any(p[...]):
       p[...] = 0.02 * jax.random.normal(jax.random.key(len(path)), p.shape)
-  tok = jnp.asarray(text.ByteTokenizer(cfg.text.max_len)(["a red circle moving left", "a blue square moving up"]))
+  return model
+
+
+def test_sincos_embedding_gives_every_patch_its_own_position():
+  emb = rope.sincos_embedding((3, 4, 5), 48, 10000.0)
+  assert emb.shape == (60, 48)
+  assert len({tuple(np.round(np.asarray(row), 5)) for row in emb}) == 60
+  # Each axis owns its slice of the width: tokens in the same frame share the time slice.
+  dt, dh, _ = rope.axis_dims(48)
+  np.testing.assert_array_equal(emb[0, :dt], emb[19, :dt])     # (0, 0, 0) and (0, 3, 4)
+  np.testing.assert_array_equal(emb[0, dt:dt + dh], emb[20, dt:dt + dh])   # (0, 0, 0) and (1, 0, 0)
+
+
+@pytest.mark.parametrize("pos_embed, varies", [("sincos", True), ("none", False)])
+def test_only_absolute_positions_let_a_constant_input_give_a_position_dependent_output(pos_embed, varies):
+  # With RoPE alone every token of a constant video is the same and attends to the same values,
+  # so the output cannot say where anything is; this is what `model.pos_embed` is for.
+  cfg = config.load(TINY, SMALL + [f"--config.model.pos_embed={pos_embed}"])
+  model = _nonzero_model(cfg)
+  emb, mask = model.encode_text(jnp.asarray(text.make_tokenizer(cfg)(["a red circle"])))
+  v = model(jnp.zeros((1, 4, 16, 16, 3)), jnp.array([0.9]), emb, mask)
+  tokens = dit.patchify(v, tuple(cfg.model.patch))[0]          # [N, patch values]
+  spread = float(jnp.abs(tokens - tokens[:1]).max())
+  assert (spread > 1e-4) == varies, spread
+
+
+def test_text_changes_the_output_once_trained_weights_are_nonzero():
+  cfg = config.load(TINY, SMALL)
+  model = _nonzero_model(cfg)
+  tok = jnp.asarray(text.make_tokenizer(cfg)(["a red circle moving left", "a blue square moving up"]))
   emb, mask = model.encode_text(tok)
   x = jnp.ones((1, 4, 16, 16, 3))
   v1 = model(x, jnp.array([0.5]), emb[:1], mask[:1])
@@ -81,12 +110,36 @@ def test_byte_tokenizer():
   assert tok.truncates("héllo") and not tok.truncates("abc")
 
 
+def test_word_tokenizer_gives_each_word_one_stable_id():
+  tok = text.WordTokenizer(6, vocab=4096)
+  out = tok(["A red circle, moving LEFT", "", "red red"])
+  assert out.dtype == np.int32 and out.shape == (3, 6)
+  assert out[0, 0] == text.BOS and np.all(out[0, 1:] >= 2) and np.all(out < 4096)
+  assert out[0, 2] == out[2, 1] == out[2, 2]        # "red" is the same id everywhere
+  assert list(out[1]) == [text.BOS, 0, 0, 0, 0, 0]
+  assert tok.truncates("one two three four five six") and not tok.truncates("one two")
+  # The synthetic captions' words never share a bucket, so no two captions read the same.
+  words = {"a", "moving", "on", "background", *synthetic.COLORS, *synthetic.SHAPES, *synthetic.DIRECTIONS,
+           *synthetic.BACKGROUNDS}
+  assert len({int(tok([w])[0, 1]) for w in words}) == len(words)
+
+
+@pytest.mark.parametrize("encoder, vocab, lengths", [("words", 100, [4, 2]), ("bytes", 258, [13, 2])])
+def test_text_encoder_embeds_its_vocabulary(encoder, vocab, lengths):
+  cfg = config.load(TINY, SMALL + [f"--config.text.encoder={encoder}", "--config.text.vocab=100"])
+  model = dit.build(cfg)
+  assert model.text_encoder.embed.embedding.shape == (vocab, cfg.text.width)
+  emb, mask = model.encode_text(jnp.asarray(text.make_tokenizer(cfg)(["a red circle", "a"])))
+  assert emb.shape == (2, cfg.text.max_len, cfg.text.width)
+  assert mask.sum(1).tolist() == lengths
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_gives_the_same_gradients(remat):
   base = config.load(TINY, SMALL + ["--config.model.depth=2"])
   other = config.load(TINY, SMALL + ["--config.model.depth=2", f"--config.model.remat={remat}"])
   x = jax.random.normal(jax.random.key(0), (2, 4, 16, 16, 3))
-  tok = jnp.asarray(text.ByteTokenizer(48)(["a", "b"]))
+  tok = jnp.asarray(text.make_tokenizer(base)(["a", "b"]))
 
   def grads(cfg):
     graphdef, params = nnx.split(dit.build(cfg), nnx.Param)

@@ -30,7 +30,7 @@ def generate(trained_run):
   params = ckpt.restore_params(4, ckpt_lib.with_shardings(abstract, state_lib.param_shardings(abstract, mesh, rules)))
   ckpt.close()
   fn = jax.jit(job.make_generate(cfg, graphdef, mesh, rules))
-  tok = text.ByteTokenizer(cfg.text.max_len)
+  tok = text.make_tokenizer(cfg)
 
   def run(prompts, seeds):
     return np.asarray(fn(params, tok(prompts), tok([""] * len(prompts)), np.array(seeds, np.int32)))
