@@ -13,7 +13,7 @@ from jaxvid.errors import UserError
 from jaxvid.train import state as state_lib
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
-VARIANTS = {"dit.py": ["S", "B", "L", "XL"]}
+VARIANTS = {"dit.py": ["S", "B", "L", "XL", "wan1.3B"]}
 
 
 def all_specs():
@@ -29,6 +29,11 @@ def test_every_config_resolves_and_builds(spec):
   _, abstract = state_lib.abstract_model(cfg)   # shapes only: costs no memory at full size
   assert sum(x.size for x in jax.tree.leaves(abstract)) > 0
   assert config.from_json(config.to_json(cfg)) == cfg
+
+
+def test_wan_variant_keeps_wans_rope_only_layout():
+  assert config.load(os.path.join(REPO, "configs", "dit.py:wan1.3B")).model.pos_embed == "none"
+  assert config.load(os.path.join(REPO, "configs", "dit.py:S")).model.pos_embed == "sincos"
 
 
 def test_overrides_parse_to_field_types():
