@@ -1,6 +1,6 @@
 """Text conditioning that needs no download: a small transformer trained with the model, over
 bytes (`text.encoder = "bytes"`: any language, any spelling) or hashed words ("words": each word
-is one token, which a small model learns to read much faster, e.g. "left" versus "right").
+is one token, which a small model learns to read faster than spelled-out bytes).
 
 Any text encoder plugs in through the same two pieces: a tokenizer that runs in the data
 pipeline (numpy, no JAX) and a module mapping tokens to embeddings. A pretrained encoder
