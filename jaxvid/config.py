@@ -21,6 +21,8 @@ ConfigDict = ml_collections.ConfigDict
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+POS_EMBEDS = ("sincos", "none")
+TEXT_ENCODERS = ("bytes", "words")
 DATA_SOURCES = ("synthetic", "files", "latents")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 CONTEXT_PARALLEL = ("ulysses", "ring")
@@ -226,8 +228,8 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
                     "for 3D rotary embeddings")
   if cfg.text.width % cfg.text.heads:
     raise UserError(f"text.heads={cfg.text.heads} does not divide text.width={cfg.text.width}")
-  if cfg.text.encoder not in ("bytes", "words"):
-    raise UserError(f"text.encoder={cfg.text.encoder!r} must be 'bytes' or 'words'")
+  if cfg.text.encoder not in TEXT_ENCODERS:
+    raise UserError(f"text.encoder={cfg.text.encoder!r} must be one of {TEXT_ENCODERS}")
   if cfg.text.vocab < 3:
     raise UserError(f"text.vocab={cfg.text.vocab} must be at least 3")
   if cfg.text.max_len < 2:
@@ -235,8 +237,8 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
   for key in ("param_dtype", "dtype"):
     if m[key] not in DTYPES:
       raise UserError(f"model.{key}={m[key]!r} must be one of {DTYPES}")
-  if m.pos_embed not in ("sincos", "none"):
-    raise UserError(f"model.pos_embed={m.pos_embed!r} must be 'sincos' or 'none'")
+  if m.pos_embed not in POS_EMBEDS:
+    raise UserError(f"model.pos_embed={m.pos_embed!r} must be one of {POS_EMBEDS}")
   if m.remat not in REMAT_POLICIES:
     raise UserError(f"model.remat={m.remat!r} must be one of {REMAT_POLICIES}")
   if cfg.flow.timestep not in ("logit_normal", "uniform"):

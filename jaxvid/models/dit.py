@@ -2,7 +2,7 @@
 
   video [B, T, H, W, C] --3D patches--> tokens [B, N, D], N = (T/pt)(H/ph)(W/pw)
                                           (+ fixed 3D sin-cos positions if model.pos_embed)
-  text tokens [B, L] --byte encoder + MLP--> context [B, L, D]
+  text tokens [B, L] --text encoder + MLP--> context [B, L, D]
   flow time t [B] --sinusoid + MLP--> temb [B, D] --SiLU + Linear--> 6 modulations [B, 6, D]
   depth x block (scanned):  adaLN(self-attention with 3D RoPE and RMS QK-norm)
                             + cross-attention to the text + adaLN(GELU MLP)

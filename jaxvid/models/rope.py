@@ -25,28 +25,26 @@ def _freqs(dim: int, theta: float) -> jax.Array:
   return 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
 
 
+def _axis_angles(grid: tuple[int, int, int], dim: int, theta: float) -> list[jax.Array]:
+  """Per axis (t, h, w): position times frequency of every patch, [N, d_axis / 2] float32."""
+  parts = []
+  for axis, (size, d) in enumerate(zip(grid, axis_dims(dim))):
+    angles = jnp.arange(size, dtype=jnp.float32)[:, None] * _freqs(d, theta)[None, :]   # [size, d/2]
+    shape = [1, 1, 1, d // 2]
+    shape[axis] = size
+    parts.append(jnp.broadcast_to(angles.reshape(shape), (*grid, d // 2)).reshape(-1, d // 2))
+  return parts
+
+
 def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float) -> jax.Array:
   """Rotation angles for a (T', H', W') grid of patches: [N, K // 2] float32, N = T' H' W'."""
-  parts = []
-  for axis, (size, dim) in enumerate(zip(grid, axis_dims(head_dim))):
-    pos = jnp.arange(size, dtype=jnp.float32)
-    angles = pos[:, None] * _freqs(dim, theta)[None, :]           # [size, dim/2]
-    shape = [1, 1, 1, dim // 2]
-    shape[axis] = size
-    parts.append(jnp.broadcast_to(angles.reshape(shape), (*grid, dim // 2)))
-  return jnp.concatenate(parts, axis=-1).reshape(-1, head_dim // 2)
+  return jnp.concatenate(_axis_angles(grid, head_dim, theta), axis=-1)
 
 
 def sincos_embedding(grid: tuple[int, int, int], dim: int, theta: float) -> jax.Array:
   """Fixed absolute embedding of a (T', H', W') grid: [N, dim] float32, N = T' H' W'."""
-  parts = []
-  for axis, (size, d) in enumerate(zip(grid, axis_dims(dim))):
-    angles = jnp.arange(size, dtype=jnp.float32)[:, None] * _freqs(d, theta)[None, :]   # [size, d/2]
-    emb = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)                  # [size, d]
-    shape = [1, 1, 1, d]
-    shape[axis] = size
-    parts.append(jnp.broadcast_to(emb.reshape(shape), (*grid, d)))
-  return jnp.concatenate(parts, axis=-1).reshape(-1, dim)
+  return jnp.concatenate([jnp.concatenate([jnp.cos(a), jnp.sin(a)], axis=-1)
+                          for a in _axis_angles(grid, dim, theta)], axis=-1)
 
 
 def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:

@@ -22,7 +22,6 @@ from jaxvid.parallel import sharding as sh
 
 PAD, BOS = 0, 1
 BYTE_VOCAB = 258  # PAD, BOS, then the 256 byte values
-ENCODERS = ("bytes", "words")
 
 
 class Tokenizer(Protocol):
@@ -138,6 +137,5 @@ def make_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
 
 
 def make_encoder(cfg: ml_collections.ConfigDict, dtype, param_dtype, rngs: nnx.Rngs) -> TextEncoder:
-  if cfg.text.encoder not in ENCODERS:
-    raise ValueError(f"unknown text.encoder {cfg.text.encoder!r}")
+  """The same transformer reads either tokenizer's ids (`config.validate` checks text.encoder)."""
   return TransformerTextEncoder(cfg, dtype, param_dtype, rngs)
