@@ -14,6 +14,7 @@ from jaxvid.errors import UserError
 USAGE = """\
 jaxvid train  --config PATH[:ARG] --workdir DIR [--config.KEY=VALUE ...]
 jaxvid sample --workdir DIR (--prompt TEXT | --prompts FILE) --output DIR [--config.KEY=VALUE ...] [--step N]
+jaxvid encode --config PATH[:ARG] --manifest FILE --output STORE [--config.KEY=VALUE ...]
 jaxvid export --workdir DIR --output PATH [--step N]"""
 
 
@@ -43,12 +44,20 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--output", required=True, help="output folder: ID.mp4, ID.json, manifest.jsonl, index.html")
   s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
+  c = sub.add_parser("encode", prog="jaxvid encode",
+                     help="encode a manifest's clips into a latent store (resumes a partly written one)")
+  c.add_argument("--config", required=True, help="config file: its autoencoder, text, data.buckets and data.fps")
+  c.add_argument("--manifest", required=True, help=".jsonl or .csv with path and caption, or a folder of videos "
+                 "with .txt captions")
+  c.add_argument("--output", required=True, help="the store folder; train with --config.data.source=latents "
+                 "--config.data.store=STORE")
+
   e = sub.add_parser("export", prog="jaxvid export", help="write an inference-only checkpoint (EMA parameters)")
   e.add_argument("--workdir", required=True, help="a run directory written by `jaxvid train`")
   e.add_argument("--output", required=True, help="a new folder; `jaxvid sample --workdir` accepts it")
   e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
-  for command in (t, s, e):
+  for command in (t, s, c, e):
     command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
   return p
 
@@ -57,6 +66,10 @@ def _setup_logging(verbose: bool) -> None:
   # imageio-ffmpeg starts ffmpeg with fork+exec, which is safe; JAX warns about any fork.
   warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
   logging.basicConfig(level=logging.INFO, format="jaxvid: %(message)s", stream=sys.stderr, force=True)
+  # grain's worker processes read absl flags, which only an absl app would have parsed.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
   if not verbose:
     import absl.logging  # orbax and grain log through absl
     absl.logging.set_verbosity(absl.logging.WARNING)
@@ -87,6 +100,16 @@ def run(argv: list[str]) -> None:
     distributed.initialize(cfg)
     items = job.single_prompt(args.prompt, cfg) if args.prompt is not None else job.read_prompts(args.prompts, cfg)
     job.sample(cfg, args.workdir, items, args.output, step=args.step)
+  elif args.command == "encode":
+    from jaxvid.data import latents
+    cfg = config_lib.load(args.config, overrides)
+    distributed.initialize(cfg)
+    import jax
+    config_lib.validate(cfg, jax.device_count())
+    counts = latents.encode(cfg, args.manifest, args.output)
+    logging.getLogger("jaxvid").info("encode: %d clips written, %d already in %s, %d skipped (process %d)",
+                                     counts["written"], counts["present"], args.output, counts["skipped"],
+                                     jax.process_index())
   elif args.command == "export":
     if overrides:
       raise UserError("jaxvid export takes no --config overrides")

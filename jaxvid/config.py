@@ -24,6 +24,9 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 POS_EMBEDS = ("sincos", "none")
 TEXT_ENCODERS = ("bytes", "words")
 DATA_SOURCES = ("synthetic", "files", "latents")
+CROPS = ("random", "center")
+AUTOENCODERS = ("identity",)
+LATENT_DTYPES = ("float16", "bfloat16", "float32")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 CONTEXT_PARALLEL = ("ulysses", "ring")
 
@@ -98,6 +101,19 @@ def base_config() -> ConfigDict:
   c.data.split = "train"           # synthetic: "train" holds out some captions, "all" does not
   c.data.workers = 0               # grain worker processes (0: in the main process)
   c.data.prefetch = 2              # batches buffered ahead
+  # files / latents: buckets of (frames, height, width) or (frames, height, width, global batch);
+  # () is one bucket at video.{frames,height,width}. Without a batch, a bucket gets the token
+  # budget of train.batch_size clips of the video.* shape. Each bucket compiles once.
+  c.data.buckets = ()
+  c.data.fps = 0.0                 # files: frame rate clips are sampled at (0: native / stride)
+  c.data.stride = 1                # files, with fps = 0: take every stride-th frame
+  c.data.crop = "random"           # files: "random" (crop and start) or "center"
+  c.data.probe_threads = 16        # files: threads reading file headers at startup
+
+  # The autoencoder between pixels and the model's latent space ("identity": pixels, scaled to [-1, 1]).
+  c.autoencoder = ConfigDict(dict(name="identity"))
+  # `jaxvid encode`: clips per device batch, and the dtype latents are stored in.
+  c.encode = ConfigDict(dict(batch_size=8, dtype="float16"))
 
   # Multi-host (see parallel/distributed.py); the environment can supply all of it.
   c.distributed = ConfigDict(dict(initialize="auto", coordinator="", num_processes=0, process_id=-1,
@@ -247,9 +263,18 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
     raise UserError(f"text.drop_rate={cfg.text.drop_rate} must be in [0, 1)")
   if cfg.data.source not in DATA_SOURCES:
     raise UserError(f"data.source={cfg.data.source!r} must be one of {DATA_SOURCES}")
-  if cfg.data.source != "synthetic":
-    raise UserError(f"data.source={cfg.data.source!r} is not supported by this version of jaxvid yet; "
-                    "use data.source=synthetic")
+  if cfg.data.source == "files" and not cfg.data.manifest:
+    raise UserError("data.source='files' needs --config.data.manifest=FILE.jsonl, FILE.csv or a folder")
+  if cfg.data.source == "latents" and not cfg.data.store:
+    raise UserError("data.source='latents' needs --config.data.store=STORE (written by `jaxvid encode`)")
+  if cfg.data.crop not in CROPS:
+    raise UserError(f"data.crop={cfg.data.crop!r} must be one of {CROPS}")
+  if cfg.data.fps < 0 or cfg.data.stride < 1 or cfg.data.probe_threads < 1:
+    raise UserError("data.fps must be >= 0, data.stride and data.probe_threads >= 1")
+  if cfg.autoencoder.name not in AUTOENCODERS:
+    raise UserError(f"autoencoder.name={cfg.autoencoder.name!r} must be one of {AUTOENCODERS}")
+  if cfg.encode.dtype not in LATENT_DTYPES or cfg.encode.batch_size < 1:
+    raise UserError(f"encode.dtype must be one of {LATENT_DTYPES} and encode.batch_size >= 1")
   if cfg.data.split not in ("train", "heldout", "all"):
     raise UserError(f"data.split={cfg.data.split!r} must be 'train', 'heldout' or 'all'")
   for key in ("steps", "batch_size", "log_every"):
@@ -266,6 +291,10 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
   if train and cfg.train.batch_size % batch_shards:
     raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                     f"mesh.data*mesh.fsdp={batch_shards}")
+  for frames, height, width, _ in buckets(cfg, batch_shards):
+    if frames * height * width // (m.patch[0] * m.patch[1] * m.patch[2]) % sizes["sequence"]:
+      raise UserError(f"bucket {frames}x{height}x{width} has a token count not divisible by "
+                      f"mesh.sequence={sizes['sequence']}")
   if m.heads % sizes["tensor"]:
     raise UserError(f"model.heads={m.heads} is not divisible by mesh.tensor={sizes['tensor']}")
   if num_tokens(cfg) % sizes["sequence"]:
@@ -282,10 +311,44 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
                     f"mesh.sequence={sizes['sequence']}; use --config.model.context_parallel=ring")
 
 
-def num_tokens(cfg: ConfigDict) -> int:
-  """Spacetime patches per clip: (T/pt) (H/ph) (W/pw)."""
+def num_tokens(cfg: ConfigDict, shape: tuple[int, int, int] | None = None) -> int:
+  """Spacetime patches per clip of `shape` (frames, height, width; default video.*):
+  (T/pt) (H/ph) (W/pw)."""
   pt, ph, pw = cfg.model.patch
-  return (cfg.video.frames // pt) * (cfg.video.height // ph) * (cfg.video.width // pw)
+  frames, height, width = shape or (cfg.video.frames, cfg.video.height, cfg.video.width)
+  return (frames // pt) * (height // ph) * (width // pw)
+
+
+def buckets(cfg: ConfigDict, batch_shards: int = 1) -> list[tuple[int, int, int, int]]:
+  """The clip shapes of `data.buckets` as (frames, height, width, global batch).
+
+  A bucket without a batch gets the token budget of train.batch_size clips of the video.*
+  shape, rounded down to a multiple of `batch_shards` (mesh.data * mesh.fsdp), at least one
+  per shard. No buckets: one, the video.* shape with train.batch_size.
+  """
+  v, patch = cfg.video, cfg.model.patch
+  specs = cfg.data.buckets or ((v.frames, v.height, v.width, cfg.train.batch_size),)
+  budget = cfg.train.batch_size * num_tokens(cfg)
+  out = []
+  for spec in specs:
+    spec = tuple(spec) if isinstance(spec, (tuple, list)) else (spec,)
+    if len(spec) not in (3, 4) or not all(isinstance(x, int) and x > 0 for x in spec):
+      raise UserError(f"data.buckets entry {spec} must be (frames, height, width) or (frames, height, width, "
+                      "batch) of positive ints")
+    frames, height, width = spec[:3]
+    for name, size, p in (("frames", frames, patch[0]), ("height", height, patch[1]), ("width", width, patch[2])):
+      if size % p:
+        raise UserError(f"data.buckets entry {spec}: {name}={size} is not divisible by its patch size {p} "
+                        f"(model.patch={patch})")
+    batch = spec[3] if len(spec) == 4 else max(batch_shards, budget // num_tokens(cfg, spec[:3]) // batch_shards
+                                               * batch_shards)
+    if batch % batch_shards:
+      raise UserError(f"data.buckets entry {spec}: batch {batch} is not divisible by "
+                      f"mesh.data*mesh.fsdp={batch_shards}")
+    out.append((frames, height, width, batch))
+  if len({b[:3] for b in out}) != len(out):
+    raise UserError(f"data.buckets {cfg.data.buckets} lists a shape twice; give each shape once")
+  return out
 
 
 def to_json(cfg: ConfigDict) -> str:
@@ -307,7 +370,12 @@ def _update(node: ConfigDict, values: dict) -> None:
     if isinstance(node[k], ConfigDict):
       _update(node[k], v)
     else:
-      node[k] = tuple(v) if isinstance(node[k], tuple) else v
+      node[k] = _tuples(v) if isinstance(node[k], tuple) else v
+
+
+def _tuples(value):
+  """JSON lists back to (nested) tuples."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def model_hash(cfg: ConfigDict) -> str:

@@ -22,10 +22,11 @@ class Flow:
   shift: float = 1.0              # t -> shift t / (1 + (shift - 1) t); > 1 spends more time near noise
 
   @classmethod
-  def from_config(cls, cfg: ml_collections.ConfigDict) -> "Flow":
+  def from_config(cls, cfg: ml_collections.ConfigDict, tokens: int | None = None) -> "Flow":
+    """The flow of `cfg` for clips of `tokens` patches (default: the video.* shape's)."""
     f = cfg.flow
     return cls(timestep=f.timestep, logit_mean=f.logit_mean, logit_std=f.logit_std,
-               shift=resolve_shift(cfg))
+               shift=resolve_shift(cfg, tokens))
 
   def shift_t(self, t: jax.Array) -> jax.Array:
     return self.shift * t / (1 + (self.shift - 1) * t)
@@ -43,12 +44,13 @@ class Flow:
     return self.shift_t(jnp.linspace(1.0, 0.0, steps + 1))
 
 
-def resolve_shift(cfg: ml_collections.ConfigDict) -> float:
-  """`flow.shift` if set, else exp(mu) with mu linear in the token count (Flux/SD3 style)."""
+def resolve_shift(cfg: ml_collections.ConfigDict, tokens: int | None = None) -> float:
+  """`flow.shift` if set, else exp(mu) with mu linear in the token count (Flux/SD3 style);
+  `tokens` defaults to the video.* shape's."""
   f = cfg.flow
   if f.shift > 0:
     return float(f.shift)
-  n = config_lib.num_tokens(cfg)
+  n = config_lib.num_tokens(cfg) if tokens is None else tokens
   slope = (f.shift_max - f.shift_base) / (f.shift_max_tokens - f.shift_base_tokens)
   return math.exp(f.shift_base + slope * (n - f.shift_base_tokens))
 

@@ -5,6 +5,7 @@
 
 import json
 import logging
+import math
 import os
 import time
 
@@ -90,6 +91,16 @@ def init_from_run(state: state_lib.TrainState, path: str, cfg: ml_collections.Co
   return state.replace(params=params, ema=ema)
 
 
+def _shapes(batch: dict) -> tuple:
+  """The key of a batch's compiled step: the shape of each of its arrays."""
+  return tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+
+
+def _describe(spec: dict) -> str:
+  x = spec.get("video", spec.get("latents"))
+  return f"{x.shape[0]} x {'x'.join(map(str, x.shape[1:4]))}"
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None,
           init_optimizer: bool = False) -> None:
   config_lib.validate(cfg, jax.device_count(), train=True)
@@ -116,17 +127,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
     state = checkpointer.restore(latest, ckpt_lib.with_shardings(abstract, shardings), loader.iterator)
     log.info("resumed from %s/%d", checkpointer.directory, latest)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-  tokens = config_lib.num_tokens(cfg)
   log.info("model: %.2fM parameters, %d tokens per clip, flow shift %.2f",
-           num_params / 1e6, tokens, flow_lib.resolve_shift(cfg))
+           num_params / 1e6, config_lib.num_tokens(cfg), flow_lib.resolve_shift(cfg))
 
-  # The step, compiled ahead of time.
-  batch_shardings = loader.shardings(pipeline.batch_spec(cfg))
-  t0 = time.time()
-  train_step = step_lib.compile_train_step(
-      step_lib.make_train_step(cfg, graphdef, tx, schedule), mesh, rules, shardings, batch_shardings
-  ).lower(state, pipeline.batch_spec(cfg)).compile()
-  log.info("compiled the train step in %.1f s", time.time() - t0)
+  # The step, compiled ahead of time once per bucket shape.
+  step_fn = step_lib.compile_train_step(step_lib.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
+                                        shardings, loader.shardings(loader.specs[0]))
+  train_steps = {}
+  for spec in loader.specs:
+    t0 = time.time()
+    train_steps[_shapes(spec)] = step_fn.lower(state, spec).compile()
+    log.info("compiled the train step for batches of %s in %.1f s", _describe(spec), time.time() - t0)
 
   # The loop.
   start, total = int(state.step), cfg.train.steps
@@ -137,17 +148,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   bar = tqdm.tqdm(initial=start, total=total, desc="train", unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
-  last_time, last_step, saved = time.time(), start, start
+  last_time, last_step, saved, tokens = time.time(), start, start, 0
+  skipped = loader.skipped_at_start   # files dropped at startup, then those replaced in batches (on device)
+  patch_size = math.prod(cfg.model.patch)
   with preemption.StopRequest() as stop:
     for step in range(start, total):
-      state, metrics = train_step(state, next(loader))
+      batch = next(loader)
+      state, metrics = train_steps[_shapes(batch)](state, batch)
+      skipped = skipped + metrics.pop("data/skipped")
+      x = batch.get("video", batch.get("latents"))
+      tokens += math.prod(x.shape[:4]) // patch_size
       done = step + 1
       if done % cfg.train.log_every == 0 or done == total:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.time()
         steps_per_sec = (done - last_step) / (now - last_time)
-        last_time, last_step = now, done
-        metrics.update(steps_per_sec=steps_per_sec, tokens_per_sec=steps_per_sec * tokens * cfg.train.batch_size)
+        metrics.update(steps_per_sec=steps_per_sec, tokens_per_sec=tokens / (now - last_time))
+        metrics["data/skipped"] = int(skipped)
+        last_time, last_step, tokens = now, done, 0
         writer.write(done, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_per_s=f"{steps_per_sec:.2f}")
       bar.update(1)

@@ -1,5 +1,7 @@
 """The pure train step: (state, batch) -> (state, metrics), compiled once with donation."""
 
+import math
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import optax
 
 from jaxvid.data import pipeline
 from jaxvid.diffusion import flow as flow_lib
+from jaxvid.models import autoencoder
 from jaxvid.models import text
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
@@ -35,14 +38,18 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   Randomness (caption dropout, flow times, noise) comes from fold_in(seed, step), so a resumed
   run draws exactly what the uninterrupted one would have.
   """
-  flow = flow_lib.Flow.from_config(cfg)
   seed, drop_rate, decay = cfg.seed, cfg.text.drop_rate, cfg.optim.ema_decay
+  ae = autoencoder.make(cfg)
+  patch = cfg.model.patch
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     rng_drop, rng_flow = jax.random.split(rng)
     tokens = drop_captions(batch["tokens"], rng_drop, drop_rate)
-    x0 = pipeline.normalize(batch["video"])
+    # Pixels are encoded here; a latent store holds them encoded already.
+    x0 = ae.encode(batch["video"]) if "video" in batch else batch["latents"].astype(jnp.float32)
+    # Each bucket is its own trace, so the time shift follows the bucket's token count.
+    flow = flow_lib.Flow.from_config(cfg, math.prod(x0.shape[1:4]) // math.prod(patch))
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
@@ -54,7 +61,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     params = optax.apply_updates(state.params, updates)
     d = ema_decay(decay, state.step)
     ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+               "data/skipped": jnp.sum(batch["skipped"])}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
   return train_step

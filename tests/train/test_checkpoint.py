@@ -155,7 +155,7 @@ def _rewrite(source, step, mesh, devices, workdir):
   shutil.copy(os.path.join(source, "config.json"), workdir)
   cfg = config.from_json(open(os.path.join(workdir, "config.json")).read())
   ckpt = ckpt_lib.Checkpointer(str(workdir))
-  ckpt.save(step, state, iter(pipeline.make_dataset(cfg, 0, 1)), cfg)
+  ckpt.save(step, state, iter(pipeline.make_dataset(pipeline.make_source(cfg, 0, 1).batches, cfg)), cfg)
   ckpt.wait()
   ckpt.close()
   return state
