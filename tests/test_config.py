@@ -77,7 +77,14 @@ def test_bad_overrides(override, words):
     (["--config.train.batch_size=12"], "train.batch_size=12 is not divisible by mesh.data"),
     (["--config.mesh.data=4", "--config.mesh.tensor=2", "--config.model.heads=1", "--config.model.width=64"],
      "model.heads=1 is not divisible by mesh.tensor=2"),
-    (["--config.data.source=files"], "not supported by this version"),
+    (["--config.data.source=files"], "needs --config.data.manifest"),
+    (["--config.data.source=latents"], "needs --config.data.store"),
+    (["--config.data.crop=left"], "data.crop='left' must be one of"),
+    (["--config.data.buckets=((8,32,30),)"], "width=30 is not divisible by its patch size 4"),
+    (["--config.data.buckets=((8,32,32,12),)"], "batch 12 is not divisible by mesh.data"),
+    (["--config.data.buckets=((8,32,32),(8,32,32))"], "lists a shape twice"),
+    (["--config.data.buckets=(8,32,32)"], "must be .frames, height, width. or"),
+    (["--config.autoencoder.name=sdxl"], "autoencoder.name='sdxl' must be one of"),
     (["--config.data.source=youtube"], "must be one of"),
     (["--config.text.drop_rate=1.5"], r"text.drop_rate=1.5 must be in \[0, 1\)"),
     (["--config.train.steps=0"], "train.steps=0 must be at least 1"),
@@ -136,6 +143,6 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, words):
 
 
 def test_saved_config_round_trips_json():
-  cfg = config.load(TINY, SMALL)
+  cfg = config.load(TINY, SMALL + ["--config.data.buckets=((4,16,16),(4,16,32,4))"])
   again = config.from_json(config.to_json(cfg))
   assert json.loads(config.to_json(again)) == json.loads(config.to_json(cfg))

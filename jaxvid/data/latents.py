@@ -187,7 +187,7 @@ def encode(cfg: ml_collections.ConfigDict, manifest_path: str, store: str) -> di
         batch = np.stack(videos)
         pad = -len(batch) % len(devices)
         batch = np.concatenate([batch, np.repeat(batch[-1:], pad, 0)]) if pad else batch
-        latents = np.asarray(jax.device_get(encode_fn(batch)))[:len(good)]
+        latents = np.asarray(jax.device_get(encode_fn(jax.device_put(batch, shard))))[:len(good)]
         tokens = tokenizer([c.entry.caption for c, _ in good])
         idx = np.array([row for _, row in good])
         futures = [arrays[b][0][idx].write(latents), arrays[b][1][idx].write(tokens)]

@@ -23,10 +23,10 @@ import numpy as np
 import tqdm
 
 from jaxvid import config as config_lib
-from jaxvid.data import pipeline
 from jaxvid.diffusion import flow as flow_lib
 from jaxvid.diffusion import samplers
 from jaxvid.errors import UserError
+from jaxvid.models import autoencoder
 from jaxvid.models import text
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
@@ -115,6 +115,7 @@ def make_generate(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh, 
   flow = flow_lib.Flow.from_config(cfg)
   sampler = samplers.Euler(cfg.sample.steps)
   guidance = cfg.sample.guidance
+  ae = autoencoder.make(cfg)
 
   def generate(params, tokens, negative, seeds):
     with sharding.activation_rules(mesh, rules):
@@ -125,7 +126,7 @@ def make_generate(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh, 
         fn = lambda x, t: model(x, t, *cond)
       else:
         fn = samplers.guided(model, cond, model.encode_text(negative), guidance)
-      return pipeline.denormalize(sampler.sample(fn, noise, flow))
+      return autoencoder.denormalize(ae.decode(sampler.sample(fn, noise, flow)))
 
   return generate
 

@@ -1,0 +1,75 @@
+"""Video files and the latent cache in a real two-process JAX job (launch/local.sh, gloo over
+127.0.0.1): each process encodes and loads its own share, and the job equals one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import pytest
+
+from conftest import REPO, SMALL, TINY, train_small
+from jaxvid.data import latents, synthetic
+
+pytestmark = pytest.mark.multiprocess
+
+DATA = ["--config.data.buckets=((4,16,16,8),(4,16,24,8))", "--config.data.fps=8.0", "--config.data.crop=center"]
+RUN = SMALL + DATA + ["--config.train.steps=3", "--config.checkpoint.every=3", "--config.train.log_every=1"]
+
+
+def _manifest(folder):
+  rows = []
+  for i in range(10):
+    scene = synthetic.make_scene(3, i)
+    width = 24 if i % 2 else 16
+    iio.imwrite(folder / f"{i}.mp4", synthetic.render(scene, 8, 16, width), fps=8, codec="libx264",
+                macro_block_size=1)
+    rows.append({"path": f"{i}.mp4", "caption": scene.caption})
+  rows.append({"path": "gone.mp4", "caption": "a missing file"})
+  (folder / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  return str(folder / "m.jsonl")
+
+
+def _local(tmp_path, name, *args):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
+  env["JAXVID_LOG_DIR"] = str(tmp_path / f"logs-{name}")
+  proc = subprocess.run([os.path.join(REPO, "launch", "local.sh"), "2", "2", sys.executable, "-m", "jaxvid", *args],
+                        env=env, capture_output=True, text=True, timeout=600)
+  other = open(tmp_path / f"logs-{name}" / "process_1.log").read()
+  assert proc.returncode == 0, proc.stdout + proc.stderr + other
+  return proc.stdout + proc.stderr, other
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_two_processes_encode_and_train_on_files_and_latents_like_one(tmp_path):
+  manifest = _manifest(tmp_path)
+  mesh = ["--config.mesh.data=4", "--config.mesh.dcn_data=2"]
+
+  # Encode with two processes: each writes its own share and index part; together, every clip.
+  store = tmp_path / "store"
+  out0, out1 = _local(tmp_path, "encode", "encode", "--config", TINY, *SMALL, *DATA, "--manifest", manifest,
+                      "--output", str(store))
+  assert "encode: 5 clips written" in out0 and "encode: 5 clips written" in out1
+  assert sorted(os.listdir(store / "index")) == ["part-00000.jsonl", "part-00001.jsonl"]
+  index = latents.read_index(str(store))
+  assert sorted(r["path"] for r in index) == sorted(str(tmp_path / f"{i}.mp4") for i in range(10))
+
+  # Train on the files with two processes, and with one: same global batches, same losses.
+  files = ["--config.data.source=files", f"--config.data.manifest={manifest}"]
+  _local(tmp_path, "files", "train", "--config", TINY, "--workdir", str(tmp_path / "mp_files"), *RUN, *files, *mesh)
+  assert train_small(tmp_path / "one_files", *RUN[len(SMALL):], *files) == 0
+  two, one = _metrics(tmp_path / "mp_files"), _metrics(tmp_path / "one_files")
+  assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+  assert [r["data/skipped"] for r in two] == [r["data/skipped"] for r in one] == [1, 1, 1]   # gone.mp4
+
+  # The same from the latent store.
+  lat = ["--config.data.source=latents", f"--config.data.store={store}"]
+  _local(tmp_path, "latents", "train", "--config", TINY, "--workdir", str(tmp_path / "mp_lat"), *RUN, *lat, *mesh)
+  assert train_small(tmp_path / "one_lat", *RUN[len(SMALL):], *lat) == 0
+  two, one = _metrics(tmp_path / "mp_lat"), _metrics(tmp_path / "one_lat")
+  assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
