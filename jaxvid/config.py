@@ -291,14 +291,14 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
   if train and cfg.train.batch_size % batch_shards:
     raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                     f"mesh.data*mesh.fsdp={batch_shards}")
-  for frames, height, width, _ in buckets(cfg, batch_shards):
-    if frames * height * width // (m.patch[0] * m.patch[1] * m.patch[2]) % sizes["sequence"]:
-      raise UserError(f"bucket {frames}x{height}x{width} has a token count not divisible by "
-                      f"mesh.sequence={sizes['sequence']}")
   if m.heads % sizes["tensor"]:
     raise UserError(f"model.heads={m.heads} is not divisible by mesh.tensor={sizes['tensor']}")
   if num_tokens(cfg) % sizes["sequence"]:
     raise UserError(f"{num_tokens(cfg)} tokens per clip are not divisible by mesh.sequence={sizes['sequence']}")
+  for frames, height, width, _ in buckets(cfg, batch_shards):
+    if num_tokens(cfg, (frames, height, width)) % sizes["sequence"]:
+      raise UserError(f"data.buckets entry {frames}x{height}x{width}: {num_tokens(cfg, (frames, height, width))} "
+                      f"tokens per clip are not divisible by mesh.sequence={sizes['sequence']}")
   for a in MESH_AXES:
     dcn = cfg.mesh[f"dcn_{a}"]
     if dcn < 1 or sizes[a] % dcn:

@@ -41,6 +41,7 @@ from jaxvid.data import video_files
 from jaxvid.errors import UserError
 from jaxvid.models import autoencoder as autoencoder_lib
 from jaxvid.models import text
+from jaxvid.parallel import distributed
 
 log = logging.getLogger("jaxvid")
 FORMAT = "jaxvid-latents/1"
@@ -113,6 +114,15 @@ def _create_or_check(store: str, meta: dict) -> None:
   os.replace(path + ".tmp", path)
 
 
+def _ends_cut_short(path: str) -> bool:
+  """Whether the file does not end with a newline (it was cut short by a killed process)."""
+  if not os.path.getsize(path):
+    return False
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) != b"\n"
+
+
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -166,6 +176,8 @@ def encode(cfg: ml_collections.ConfigDict, manifest_path: str, store: str) -> di
   bar = tqdm.tqdm(total=len(mine), desc="encode", unit="clip", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
   with open(index_path, "a", encoding="utf-8") as index:
+    if _ends_cut_short(index_path):   # a killed run's half line: start ours on a line of their own
+      index.write("\n")
     for b, bucket in enumerate(buckets):
       todo = [(c, row) for c, row in mine if c.bucket == b]
       if not todo:
@@ -275,6 +287,9 @@ def open_batches(cfg: ml_collections.ConfigDict, batch_shards: int, process_inde
   samples = read_index(store)
   if not samples:
     raise UserError(f"{store} has no encoded samples; run jaxvid encode first")
+  digest = hashlib.sha256(json.dumps([(s["bucket"], s["row"]) for s in samples]).encode()).hexdigest()
+  distributed.check_same(digest, f"see other samples in {store} than process 0 (is an encode still writing "
+                         "it?); train once the store is complete")
   names = [b.name for b in buckets]
   plan = bucket_lib.BatchPlan([names.index(s["bucket"]) for s in samples], [b.batch for b in buckets], cfg.seed)
   dtype = np.dtype(meta["dtype"]) if meta["dtype"] != "bfloat16" else jax.numpy.bfloat16

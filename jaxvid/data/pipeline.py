@@ -15,6 +15,8 @@ per slot, the unreadable files that were replaced to fill it.
 """
 
 import dataclasses
+import hashlib
+import json
 import logging
 
 import grain
@@ -33,6 +35,7 @@ from jaxvid.data import video_files
 from jaxvid.errors import UserError
 from jaxvid.models import text
 from jaxvid.models.autoencoder import denormalize, normalize  # noqa: F401  (the pixel <-> model range)
+from jaxvid.parallel import distributed
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
 
@@ -108,6 +111,11 @@ def make_source(cfg: ml_collections.ConfigDict, process_index: int, process_coun
   if not clips:
     raise UserError(f"manifest {cfg.data.manifest} has no usable clip: all {len(entries)} entries were skipped "
                     "(the log says why)")
+  # Every process must see the same clips in the same buckets, or their batches would not line up.
+  digest = hashlib.sha256(json.dumps([(c.entry.key, c.bucket) for c in clips]).encode()).hexdigest()
+  distributed.check_same(digest, f"see other usable clips in {cfg.data.manifest} than process 0 (files that "
+                         "some hosts cannot read, or a manifest that differs); make the same files readable "
+                         "on every host")
   plan = bucket_lib.BatchPlan([c.bucket for c in clips], [b.batch for b in buckets], cfg.seed)
   counts = [len(m) for m in plan.members]
   log.info("%d clips in %s (%d skipped): %s", len(clips), cfg.data.manifest, skipped,

@@ -88,13 +88,21 @@ def check_same_config(cfg: ml_collections.ConfigDict) -> None:
   """Every process must run the same config (apart from where it sits in the cluster)."""
   if jax.process_count() == 1:
     return
+  check_same(config_lib.config_hash(_without_placement(cfg)), "run a different config from process 0; launch "
+             "every process with the same --config file and --config.* overrides")
+
+
+def check_same(digest: str, differ_message: str) -> None:
+  """Raises UserError("processes [i, ...] " + differ_message) unless every process has the same
+  hex `digest` (a no-op in a one-process job)."""
+  if jax.process_count() == 1:
+    return
   from jax.experimental import multihost_utils
-  digest = int(config_lib.config_hash(_without_placement(cfg))[:8], 16)
-  hashes = np.asarray(multihost_utils.process_allgather(np.int64(digest))).reshape(-1)
-  if len(set(hashes.tolist())) > 1:
-    differ = [i for i, h in enumerate(hashes.tolist()) if h != hashes[0]]
-    raise UserError(f"processes {differ} run a different config from process 0; launch every process "
-                    "with the same --config file and --config.* overrides")
+  value = np.int64(int(digest[:8], 16))
+  hashes = np.asarray(multihost_utils.process_allgather(value)).reshape(-1).tolist()
+  differ = [i for i, h in enumerate(hashes) if h != hashes[0]]
+  if differ:
+    raise UserError(f"processes {differ} {differ_message}")
 
 
 def _without_placement(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
