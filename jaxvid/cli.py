@@ -15,7 +15,8 @@ USAGE = """\
 jaxvid train  --config PATH[:ARG] --workdir DIR [--config.KEY=VALUE ...]
 jaxvid sample --workdir DIR (--prompt TEXT | --prompts FILE) --output DIR [--config.KEY=VALUE ...] [--step N]
 jaxvid encode --config PATH[:ARG] --manifest FILE --output STORE [--config.KEY=VALUE ...]
-jaxvid export --workdir DIR --output PATH [--step N]"""
+jaxvid export --workdir DIR --output PATH [--step N]
+jaxvid bench  --config PATH[:ARG] [--steps N] [--config.KEY=VALUE ...]"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--output", required=True, help="a new folder; `jaxvid sample --workdir` accepts it")
   e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
-  for command in (t, s, c, e):
+  b = sub.add_parser("bench", prog="jaxvid bench",
+                     help="time the train step and the sampling forward of a config; prints JSON last")
+  b.add_argument("--config", required=True, help="config file, e.g. configs/bench_cpu.py")
+  b.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps); the median is reported")
+
+  for command in (t, s, c, e, b):
     command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
   return p
 
@@ -110,6 +116,13 @@ def run(argv: list[str]) -> None:
     logging.getLogger("jaxvid").info("encode: %d clips written, %d already in %s, %d skipped (process %d)",
                                      counts["written"], counts["present"], args.output, counts["skipped"],
                                      jax.process_index())
+  elif args.command == "bench":
+    from jaxvid.perf import bench
+    if args.steps < 1:
+      raise UserError("--steps must be at least 1")
+    cfg = config_lib.load(args.config, overrides)
+    distributed.initialize(cfg)
+    bench.main(cfg, args.steps)
   elif args.command == "export":
     if overrides:
       raise UserError("jaxvid export takes no --config overrides")

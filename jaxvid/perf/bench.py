@@ -1,0 +1,176 @@
+"""`jaxvid bench`: how fast one config trains and samples on this machine, in one run.
+
+  jaxvid bench --config configs/bench_cpu.py
+  jaxvid bench --config configs/dit.py:B --config.train.batch_size=8 --config.model.attention=xla
+
+Builds the config's train state on its mesh, compiles the real train step and the model's
+forward pass (what one sampling step evaluates, per pass of classifier-free guidance), runs
+each on random data of the config's shapes, and reports median seconds after warm-up,
+tokens per second, analytic model FLOPs (perf/flops.py), the device's peak matmul throughput
+timed in the same run, MFU, and peak memory per device. Prints a table, then one JSON object
+as the last line (machine-readable, for comparing runs).
+"""
+
+import json
+import logging
+import platform
+import statistics
+import time
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxvid import config as config_lib
+from jaxvid.data import pipeline
+from jaxvid.models import text
+from jaxvid.parallel import mesh as mesh_lib
+from jaxvid.parallel import sharding
+from jaxvid.perf import flops as flops_lib
+from jaxvid.train import state as state_lib
+from jaxvid.train import step as step_lib
+
+log = logging.getLogger("jaxvid")
+
+
+def _median_time(fn, steps: int, warmup: int) -> float:
+  """Median wall seconds of fn() (which must block until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def peak_matmul_flops(dtype, size: int | None = None, steps: int = 5) -> float:
+  """FLOP/s of a square matmul in `dtype` on the default device (per device), median of `steps`."""
+  size = size or (2048 if jax.default_backend() == "cpu" else 8192)
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
+  # Several products in one program, so dispatch overhead does not count on fast devices.
+  reps = 1 if jax.default_backend() == "cpu" else 10
+  mm = jax.jit(lambda a, b: jax.lax.fori_loop(0, reps, lambda i, c: (c @ b) * 0.5, a))
+  seconds = _median_time(lambda: mm(a, b).block_until_ready(), steps, warmup=2)
+  return 2.0 * size ** 3 * reps / seconds
+
+
+def random_batch(cfg: ml_collections.ConfigDict, shardings: dict) -> dict:
+  """A global batch of the video.* shape with random pixels and tokens."""
+  spec = pipeline.batch_spec(cfg)
+  rng = np.random.default_rng(cfg.seed)
+  vocab = text.vocab_size(cfg)
+  host = {"video": rng.integers(0, 256, spec["video"].shape, np.uint8),
+          "tokens": rng.integers(2, vocab, spec["tokens"].shape).astype(np.int32),
+          "skipped": np.zeros(spec["skipped"].shape, np.int32)}
+  return {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
+
+
+def _memory(compiled) -> int:
+  """Peak bytes per device: the allocator's high-water mark where the platform reports one,
+  else XLA's memory analysis of the compiled step (arguments + outputs + temporaries)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"])
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict:
+  """Measures the train step and the sampling forward of `cfg`; returns the figures."""
+  config_lib.validate(cfg, jax.device_count(), train=True)
+  mesh = mesh_lib.make_mesh(cfg)
+  rules = sharding.rules_from_config(cfg)
+  tx, schedule = state_lib.make_optimizer(cfg)
+  graphdef, init, abstract = state_lib.abstract_state(cfg, tx)
+  shardings = state_lib.state_shardings(abstract, mesh, rules)
+  state = state_lib.create(init, shardings)
+  batch_shardings = {k: mesh_lib.batch_sharding(mesh, rules, len(v.shape)) for k, v in pipeline.batch_spec(cfg).items()}
+  batch = random_batch(cfg, batch_shardings)
+
+  t0 = time.perf_counter()
+  train_step = step_lib.compile_train_step(step_lib.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
+                                           shardings, batch_shardings).lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+
+  holder = [state]
+
+  def one_train_step():
+    holder[0], metrics = train_step(holder[0], batch)
+    jax.block_until_ready(metrics["loss"])
+
+  train_s = _median_time(one_train_step, steps, warmup)
+  memory = _memory(train_step)
+
+  # The sampling step's work: one model evaluation of the batch (guidance doubles the batch).
+  b = cfg.train.batch_size
+  v = cfg.video
+
+  def forward(params, x, t, tokens):
+    with sharding.activation_rules(mesh, rules):
+      model = nnx.merge(graphdef, params)
+      emb, mask = model.encode_text(tokens)
+      return model(x, t, emb, mask)
+
+  x = jax.device_put(jnp.zeros((b, v.frames, v.height, v.width, v.channels), jnp.float32),
+                     mesh_lib.batch_sharding(mesh, rules, 5))
+  t = jax.device_put(jnp.full((b,), 0.5, jnp.float32), mesh_lib.batch_sharding(mesh, rules, 1))
+  tokens = jax.device_put(batch["tokens"], mesh_lib.batch_sharding(mesh, rules, 2))
+  params = holder[0].params
+  t0 = time.perf_counter()
+  fwd = jax.jit(forward).lower(params, x, t, tokens).compile()
+  forward_compile_s = time.perf_counter() - t0
+  forward_s = _median_time(lambda: fwd(params, x, t, tokens).block_until_ready(), steps, warmup)
+
+  model_flops = flops_lib.count(cfg, b)
+  peak = peak_matmul_flops(jnp.dtype(cfg.model.dtype)) * jax.device_count()
+  tokens_per_step = b * config_lib.num_tokens(cfg)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  device = jax.devices()[0]
+  return {
+      "config": {"width": cfg.model.width, "depth": cfg.model.depth, "heads": cfg.model.heads,
+                 "mlp_dim": cfg.model.mlp_dim, "tokens_per_clip": config_lib.num_tokens(cfg), "batch": b,
+                 "dtype": cfg.model.dtype, "attention": cfg.model.attention, "remat": cfg.model.remat,
+                 "mesh": dict(mesh.shape)},
+      "params": int(num_params),
+      "compile_s": compile_s,
+      "forward_compile_s": forward_compile_s,
+      "train_step_s": train_s,
+      "forward_s": forward_s,
+      "tokens_per_s": tokens_per_step / train_s,
+      "flops_per_step": model_flops.train,
+      "forward_flops": model_flops.forward,
+      "peak_flops": peak,
+      "mfu": model_flops.train / train_s / peak,
+      "forward_mfu": model_flops.forward / forward_s / peak,
+      "peak_memory_bytes": memory,
+      "device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
+      "host": platform.node(),
+      "jax": jax.__version__,
+      "time": time.time(),
+  }
+
+
+def table(r: dict) -> str:
+  rows = [("compile (train step)", f"{r['compile_s']:.1f} s"),
+          ("train step", f"{r['train_step_s'] * 1e3:.1f} ms"),
+          ("forward (sampling step)", f"{r['forward_s'] * 1e3:.1f} ms"),
+          ("tokens / s (train)", f"{r['tokens_per_s']:,.0f}"),
+          ("model FLOPs / train step", f"{r['flops_per_step'] / 1e9:,.2f} GFLOP"),
+          ("peak matmul (measured)", f"{r['peak_flops'] / 1e12:,.3f} TFLOP/s"),
+          ("MFU train / forward", f"{100 * r['mfu']:.1f} % / {100 * r['forward_mfu']:.1f} %"),
+          ("peak memory / device", f"{r['peak_memory_bytes'] / 2**20:,.1f} MiB"),
+          ("parameters", f"{r['params'] / 1e6:.2f} M"),
+          ("device", r["device"])]
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(cfg: ml_collections.ConfigDict, steps: int) -> None:
+  result = run(cfg, steps=steps)
+  print(table(result))
+  print(json.dumps(result, sort_keys=True))
