@@ -134,7 +134,7 @@ def test_text_encoder_embeds_its_vocabulary(encoder, vocab, lengths):
   assert mask.sum(1).tolist() == lengths
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
 def test_remat_gives_the_same_gradients(remat):
   base = config.load(TINY, SMALL + ["--config.model.depth=2"])
   other = config.load(TINY, SMALL + ["--config.model.depth=2", f"--config.model.remat={remat}"])
