@@ -109,6 +109,7 @@ def run(argv: list[str]) -> None:
   elif args.command == "encode":
     from jaxvid.data import latents
     cfg = config_lib.load(args.config, overrides)
+    cfg.data.manifest = args.manifest
     distributed.initialize(cfg)
     import jax
     config_lib.validate(cfg, jax.device_count())

@@ -10,7 +10,8 @@ Three ways to describe one, chosen by what `data.manifest` points at:
 Relative paths are taken from the manifest's folder. `start` and `end` are seconds into the
 file (the clip is that window); `fps` is the frame rate to sample this clip at (it overrides
 `data.fps`). Optional `width`, `height` and `duration` (seconds) columns describe the file so
-that it need not be probed at startup (see video_files.probe). Images (png, jpg, ...) are
+that it need not be probed at startup (see video_files.probe; a video is still probed for its
+frame rate when neither its `fps` nor `data.fps` is set). Images (png, jpg, ...) are
 one-frame videos, for joint image and video training.
 
 Errors here are the user's (a missing manifest, no caption column, no usable entry) and stop
@@ -112,7 +113,7 @@ def _entry(row: dict, base: str, where: str) -> Entry:
 def _read_jsonl(path: str) -> list[Entry]:
   base = os.path.dirname(os.path.abspath(path))
   entries = []
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8-sig") as f:     # -sig: a byte order mark (Windows editors) is not data
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -128,7 +129,7 @@ def _read_jsonl(path: str) -> list[Entry]:
 
 def _read_csv(path: str) -> list[Entry]:
   base = os.path.dirname(os.path.abspath(path))
-  with open(path, encoding="utf-8", newline="") as f:
+  with open(path, encoding="utf-8-sig", newline="") as f:   # Excel writes a byte order mark first
     reader = csv.DictReader(f)
     columns = [c.strip() for c in reader.fieldnames or ()]
     missing = [c for c in ("path", "caption") if c not in columns]

@@ -180,9 +180,13 @@ def index_clips(entries: list[Entry], buckets: list, fps: float, stride: int, th
   def one(entry: Entry) -> Clip | str:
     try:
       meta = probe(entry)
+      rate = sample_fps(entry, meta, fps, stride)
+      if rate <= 0 and not entry.is_image:
+        # Sizes from the manifest, but neither data.fps nor the row's fps: the file's own rate is needed.
+        meta = probe(dataclasses.replace(entry, duration=0.0))
+        rate = sample_fps(entry, meta, fps, stride)
     except BadFile as e:
       return str(e)
-    rate = sample_fps(entry, meta, fps, stride)
     frames = available_frames(entry, meta, rate)
     bucket = bucket_lib.assign(meta.height, meta.width, frames, entry.is_image, buckets)
     if bucket is None:
