@@ -29,6 +29,8 @@ AUTOENCODERS = ("identity",)
 LATENT_DTYPES = ("float16", "bfloat16", "float32")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 CONTEXT_PARALLEL = ("ulysses", "ring")
+# model.attention: "auto" picks per platform (models/attention.py: cudnn on GPU, splash on TPU, blocked on CPU).
+ATTENTION = ("auto", "xla", "blocked", "cudnn", "splash")
 
 
 def base_config() -> ConfigDict:
@@ -55,7 +57,7 @@ def base_config() -> ConfigDict:
   c.model.param_dtype = "float32"
   c.model.dtype = "bfloat16"       # compute dtype
   c.model.remat = "none"           # one of REMAT_POLICIES
-  c.model.attention = "xla"        # jax.nn.dot_product_attention
+  c.model.attention = "auto"       # one of ATTENTION; "auto": the best kernel for the platform
   c.model.context_parallel = "ulysses"   # with mesh.sequence > 1: "ulysses" (all-to-all) or "ring"
 
   # Text encoder: a small transformer over bytes or hashed words, trained jointly (jaxvid/models/text.py).
@@ -257,6 +259,11 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
     raise UserError(f"model.pos_embed={m.pos_embed!r} must be one of {POS_EMBEDS}")
   if m.remat not in REMAT_POLICIES:
     raise UserError(f"model.remat={m.remat!r} must be one of {REMAT_POLICIES}")
+  if m.attention not in ATTENTION:
+    raise UserError(f"model.attention={m.attention!r} must be one of {ATTENTION}")
+  if m.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
+    raise UserError(f"model.attention='cudnn' needs --config.model.dtype=bfloat16 or float16 (got {m.dtype!r}); "
+                    "or use --config.model.attention=auto")
   if cfg.flow.timestep not in ("logit_normal", "uniform"):
     raise UserError(f"flow.timestep={cfg.flow.timestep!r} must be 'logit_normal' or 'uniform'")
   if not 0.0 <= cfg.text.drop_rate < 1.0:
