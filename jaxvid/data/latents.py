@@ -58,7 +58,7 @@ def _text_spec(cfg: ml_collections.ConfigDict) -> dict:
 def _manifest_hash(clips: list[video_files.Clip]) -> str:
   h = hashlib.sha256()
   for c in clips:
-    h.update(json.dumps([c.entry.key, c.entry.caption, c.bucket]).encode())
+    h.update(json.dumps([c.entry.key, c.entry.caption, c.bucket, round(c.rate, 6)]).encode())
   return h.hexdigest()[:16]
 
 
@@ -152,9 +152,16 @@ def encode(cfg: ml_collections.ConfigDict, manifest_path: str, store: str) -> di
           "buckets": [{"name": b.name, "frames": b.frames, "height": b.height, "width": b.width,
                        "latent_shape": list(ae.latent_shape(b.frames, b.height, b.width, 3)), "rows": n}
                       for b, n in zip(buckets, per_bucket)]}
-  if jax.process_index() == 0:
-    _create_or_check(store, meta)
-  _barrier("jaxvid-latents-created")
+  distributed.check_same(meta["manifest_hash"], f"see other usable clips in {manifest_path} than process 0 "
+                         "(files that some hosts cannot read, or another manifest); make the same files "
+                         "readable on every host")
+  error = None
+  try:   # process 0 creates the store (or checks it); then every process checks it
+    if jax.process_index() == 0:
+      _create_or_check(store, meta)
+  except UserError as e:
+    error = e
+  distributed.fail_together(error)
   if jax.process_index() != 0:
     _create_or_check(store, meta)
 
@@ -263,8 +270,18 @@ def open_batches(cfg: ml_collections.ConfigDict, batch_shards: int, process_inde
   """The store of `data.store` as batches for training; checks it fits the config.
 
   Returns (batches, per-bucket global batch specs). Bucket batch sizes come from the config's
-  buckets of the same clip shape.
+  buckets of the same clip shape. If the store does not fit on any process, every process stops.
   """
+  error, result = None, None
+  try:
+    result = _open_batches(cfg, batch_shards, process_index, process_count)
+  except UserError as e:
+    error = e
+  distributed.fail_together(error)
+  return result
+
+
+def _open_batches(cfg, batch_shards, process_index, process_count):
   store = os.path.abspath(cfg.data.store)
   meta = read_meta(store)
   if meta["autoencoder"] != cfg.autoencoder.name:

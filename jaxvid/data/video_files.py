@@ -23,6 +23,7 @@ import tqdm
 
 from jaxvid.data import buckets as bucket_lib
 from jaxvid.data.manifest import Entry
+from jaxvid.errors import UserError
 
 log = logging.getLogger("jaxvid")
 
@@ -41,10 +42,6 @@ class Meta:
   height: int
   duration: float = 0.0      # seconds; 0 for images
   fps: float = 0.0           # native frame rate; 0 for images
-
-  @property
-  def aspect(self) -> float:
-    return self.height / self.width
 
 
 def probe(entry: Entry) -> Meta:
@@ -225,7 +222,6 @@ class FileBatches:
   random_crop: bool
   process_index: int = 0
   process_count: int = 1
-  _bad: set = dataclasses.field(default_factory=set)
 
   def __len__(self) -> int:
     return len(self.plan)
@@ -242,19 +238,16 @@ class FileBatches:
         offset, x, y = rng.random(3) if self.random_crop else (0.5, 0.5, 0.5)
         clip = self.clips[item]
         try:
-          if item in self._bad:
-            raise BadFile("")
           videos.append(decode(clip.entry, clip.meta, bucket.frames, bucket.height, bucket.width, clip.rate,
                                offset, (x, y)))
           captions.append(clip.entry.caption)
           break
-        except BadFile as e:
-          self._bad.add(item)
-          report_skip(clip.entry.key, str(e) or "failed before")
+        except BadFile as e:   # (not remembered: a retry at another offset may work, and resume must match)
+          report_skip(clip.entry.key, str(e))
           skipped[k] += 1
           members = self.plan.members[b]
           item = members[rng.integers(len(members))]
       else:
-        raise RuntimeError(f"bucket {bucket.name}: {MAX_REFILLS} unreadable clips in a row; check the files "
-                           "of the manifest (the log names them)")
+        raise UserError(f"bucket {bucket.name}: {MAX_REFILLS} unreadable clips in a row (files gone since "
+                        "startup?); check the files of the manifest (the log names them)")
     return {"video": np.stack(videos), "tokens": self.tokenizer(captions), "skipped": skipped}

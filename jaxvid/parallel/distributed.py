@@ -92,6 +92,23 @@ def check_same_config(cfg: ml_collections.ConfigDict) -> None:
              "every process with the same --config file and --config.* overrides")
 
 
+def fail_together(error: Exception | None) -> None:
+  """Every process calls this after a step that may fail on some processes only (a file one
+  host cannot read, a store only process 0 creates). If any process failed, every process
+  raises (its own error, or one naming the processes that failed), so none is left waiting in
+  a later collective. A no-op in a one-process job without an error."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1).tolist()
+    failed = [i for i, f in enumerate(flags) if f]
+  else:
+    failed = []
+  if error is not None:
+    raise error
+  if failed:
+    raise UserError(f"processes {failed} stopped with an error (their logs say which); fix it and rerun")
+
+
 def check_same(digest: str, differ_message: str) -> None:
   """Raises UserError("processes [i, ...] " + differ_message) unless every process has the same
   hex `digest` (a no-op in a one-process job)."""

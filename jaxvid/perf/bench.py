@@ -127,6 +127,8 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dic
   forward_s = _median_time(lambda: fwd(params, x, t, tokens).block_until_ready(), steps, warmup)
 
   model_flops = flops_lib.count(cfg, b)
+  # One device's peak times the device count: right for real accelerators; simulated CPU devices
+  # share the host's cores, so there the peak is overstated and the MFU understated.
   peak = peak_matmul_flops(jnp.dtype(cfg.model.dtype)) * jax.device_count()
   tokens_per_step = b * config_lib.num_tokens(cfg)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))

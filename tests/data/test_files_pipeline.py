@@ -233,7 +233,7 @@ def test_a_bucket_of_only_undecodable_clips_stops_with_a_clear_error(media):
   only_cut = _write(media, "only_cut.jsonl", [r for r in media.rows if r["path"] in DECODE_BAD])
   source = pipeline.make_source(files_config(only_cut), 0, 1, SHARDS)
   assert source.skipped_at_start == 0 and len(source.specs) == 1
-  with pytest.raises(RuntimeError, match="bucket 4x16x16: 64 unreadable clips in a row"):
+  with pytest.raises(UserError, match="bucket 4x16x16: 64 unreadable clips in a row"):
     source.batches[0]
 
 

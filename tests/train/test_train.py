@@ -13,6 +13,7 @@ from conftest import SMALL, TINY, train_small
 from jaxvid import config
 from jaxvid.data import pipeline
 from jaxvid.diffusion import flow as flow_lib
+from jaxvid.models import autoencoder
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
 from jaxvid.train import checkpoint as ckpt_lib
@@ -120,7 +121,7 @@ def test_flow_loss_decreases_when_overfitting_one_batch():
   def eval_loss(params):   # fixed times and noise, so the number only moves with the parameters
     model = nnx.merge(graphdef, params)
     emb, mask = model.encode_text(batch["tokens"])
-    losses = [flow_lib.loss(lambda x, t: model(x, t, emb, mask), pipeline.normalize(batch["video"]),
+    losses = [flow_lib.loss(lambda x, t: model(x, t, emb, mask), autoencoder.normalize(batch["video"]),
                             jax.random.key(i), flow) for i in range(4)]
     return jnp.mean(jnp.stack(losses))
 
