@@ -137,12 +137,17 @@ def encode(cfg: ml_collections.ConfigDict, manifest_path: str, store: str) -> di
     raise UserError(f"--output {store} exists and is not a folder")
   ae = autoencoder_lib.make(cfg)
   buckets = [bucket_lib.Bucket(*b) for b in config_lib.buckets(cfg)]
-  entries = manifest_lib.read(manifest_path)
-  clips, skipped = video_files.index_clips(entries, buckets, cfg.data.fps, cfg.data.stride,
-                                           cfg.data.probe_threads, progress=jax.process_index() == 0)
-  if not clips:
-    raise UserError(f"manifest {manifest_path} has no usable clip: all {len(entries)} entries were skipped "
-                    "(the log says why)")
+  error, clips, skipped = None, [], 0
+  try:   # may fail on some hosts only: then every process stops
+    entries = manifest_lib.read(manifest_path)
+    clips, skipped = video_files.index_clips(entries, buckets, cfg.data.fps, cfg.data.stride,
+                                             cfg.data.probe_threads, progress=jax.process_index() == 0)
+    if not clips:
+      raise UserError(f"manifest {manifest_path} has no usable clip: all {len(entries)} entries were skipped "
+                      "(the log says why)")
+  except UserError as e:
+    error = e
+  distributed.fail_together(error)
   rows, per_bucket = [], [0] * len(buckets)
   for c in clips:
     rows.append(per_bucket[c.bucket])
