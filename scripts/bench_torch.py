@@ -233,7 +233,7 @@ def main() -> None:
   print(f"\n{spec} {' '.join(overrides)}: batch {b} x {config_lib.num_tokens(cfg):,} tokens, "
         f"{flops.forward / 1e9:.1f} GFLOP forward (text encoder {flops.text / 1e6:.1f} MFLOP)")
   print(table(torch_r, jax_r))
-  print(f"ratio = PyTorch time / jaxvid time (> 1: jaxvid faster); load average (1, 5, 15 min): "
+  print("ratio = PyTorch time / jaxvid time (> 1: jaxvid faster); load average (1, 5, 15 min): "
         + ", ".join(f"{k} {v}" for k, v in load.items()))
   ratios = {}
   if torch_r and jax_r:

@@ -3,7 +3,6 @@
   jaxvid train --config configs/tiny.py --workdir runs/tiny
 """
 
-import json
 import logging
 import math
 import os
