@@ -102,6 +102,7 @@ def base_config() -> ConfigDict:
   c.data.store = ""
   c.data.split = "train"           # synthetic: "train" holds out some captions, "all" does not
   c.data.workers = 0               # grain worker processes (0: in the main process)
+  c.data.threads = 1               # grain read threads per process (decoding waits on ffmpeg: threads overlap it)
   c.data.prefetch = 2              # batches buffered ahead
   # files / latents: buckets of (frames, height, width) or (frames, height, width, global batch);
   # () is one bucket at video.{frames,height,width}. Without a batch, a bucket gets the token
@@ -276,8 +277,8 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
     raise UserError("data.source='latents' needs --config.data.store=STORE (written by `jaxvid encode`)")
   if cfg.data.crop not in CROPS:
     raise UserError(f"data.crop={cfg.data.crop!r} must be one of {CROPS}")
-  if cfg.data.fps < 0 or cfg.data.stride < 1 or cfg.data.probe_threads < 1:
-    raise UserError("data.fps must be >= 0, data.stride and data.probe_threads >= 1")
+  if cfg.data.fps < 0 or cfg.data.stride < 1 or cfg.data.probe_threads < 1 or cfg.data.threads < 1:
+    raise UserError("data.fps must be >= 0, data.stride, data.threads and data.probe_threads >= 1")
   if cfg.autoencoder.name not in AUTOENCODERS:
     raise UserError(f"autoencoder.name={cfg.autoencoder.name!r} must be one of {AUTOENCODERS}")
   if cfg.encode.dtype not in LATENT_DTYPES or cfg.encode.batch_size < 1:

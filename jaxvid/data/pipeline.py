@@ -133,7 +133,7 @@ def make_source(cfg: ml_collections.ConfigDict, process_index: int, process_coun
 def make_dataset(batches, cfg: ml_collections.ConfigDict) -> grain.IterDataset:
   """The grain iterator dataset over a batch source, with workers and prefetch from config.data."""
   it = grain.MapDataset.source(batches).to_iter_dataset(
-      grain.ReadOptions(num_threads=1, prefetch_buffer_size=cfg.data.prefetch))
+      grain.ReadOptions(num_threads=cfg.data.threads, prefetch_buffer_size=cfg.data.prefetch))
   if cfg.data.workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.workers))
   return it

@@ -139,8 +139,10 @@ def test_process_blocks_make_up_the_global_batch(media, process_count):
   assert skipped >= 1     # the refill was exercised
 
 
-def test_iterator_state_restores_the_next_batch(media):
-  cfg = files_config(media.manifest)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_iterator_state_restores_the_next_batch(media, threads):
+  # Read threads decode batches in parallel; the order and the checkpointed state stay the same.
+  cfg = files_config(media.manifest, f"--config.data.threads={threads}")
   source = pipeline.make_source(cfg, 0, 1, SHARDS)
   it = iter(pipeline.make_dataset(source.batches, cfg))
   for j in range(2):
