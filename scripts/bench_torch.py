@@ -53,22 +53,11 @@ import ml_collections  # noqa: E402
 
 from jaxvid import config as config_lib  # noqa: E402
 from jaxvid.errors import UserError  # noqa: E402
+from jaxvid.perf import bench  # noqa: E402
 from jaxvid.perf import flops as flops_lib  # noqa: E402
 
 DEFAULT_CONFIG = "configs/bench_cpu.py"
 INSTALL_HINT = "pip install -e '.[bench]'  (torch==2.13.0 CPU build and diffusers)"
-
-
-def _times(fn, steps: int, warmup: int) -> list[float]:
-  """Wall seconds of each of `steps` calls of fn() after `warmup` untimed calls."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return times
 
 
 def _load() -> list[float]:
@@ -128,7 +117,7 @@ def run_torch(cfg: ml_collections.ConfigDict, steps: int, warmup: int = 2) -> di
     opt.step()
     return loss.item()
 
-  train_times = _times(train_step, steps, warmup)
+  train_times = bench.step_times(train_step, steps, warmup)
 
   model.eval()
 
@@ -136,7 +125,7 @@ def run_torch(cfg: ml_collections.ConfigDict, steps: int, warmup: int = 2) -> di
     with torch.no_grad():
       model(x, t, context, return_dict=False)[0].sum().item()
 
-  forward_times = _times(forward, steps, warmup)
+  forward_times = bench.step_times(forward, steps, warmup)
   train_s = statistics.median(train_times)
   return {"train_step_s": train_s, "forward_s": statistics.median(forward_times),
           "train_step_times": train_times, "forward_times": forward_times,   # the spread shows the noise
@@ -150,7 +139,6 @@ def run_torch(cfg: ml_collections.ConfigDict, steps: int, warmup: int = 2) -> di
 
 def run_jax(cfg: ml_collections.ConfigDict, steps: int) -> dict:
   """`jaxvid bench` on `cfg`, plus the parameter count without the text encoder."""
-  from jaxvid.perf import bench
   from jaxvid.train import state as state_lib
   result = bench.run(cfg, steps=steps)
   _, params = state_lib.abstract_model(cfg)

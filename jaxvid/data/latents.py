@@ -36,7 +36,6 @@ import tqdm
 
 from jaxvid import config as config_lib
 from jaxvid.data import buckets as bucket_lib
-from jaxvid.data import manifest as manifest_lib
 from jaxvid.data import video_files
 from jaxvid.errors import UserError
 from jaxvid.models import autoencoder as autoencoder_lib
@@ -53,13 +52,6 @@ def _array_spec(path: str) -> dict:
 
 def _text_spec(cfg: ml_collections.ConfigDict) -> dict:
   return {"encoder": cfg.text.encoder, "vocab": cfg.text.vocab, "max_len": cfg.text.max_len}
-
-
-def _manifest_hash(clips: list[video_files.Clip]) -> str:
-  h = hashlib.sha256()
-  for c in clips:
-    h.update(json.dumps([c.entry.key, c.entry.caption, c.bucket, round(c.rate, 6)]).encode())
-  return h.hexdigest()[:16]
 
 
 def read_meta(store: str) -> dict:
@@ -137,29 +129,18 @@ def encode(cfg: ml_collections.ConfigDict, manifest_path: str, store: str) -> di
     raise UserError(f"--output {store} exists and is not a folder")
   ae = autoencoder_lib.make(cfg)
   buckets = [bucket_lib.Bucket(*b) for b in config_lib.buckets(cfg)]
-  error, clips, skipped = None, [], 0
-  try:   # may fail on some hosts only: then every process stops
-    entries = manifest_lib.read(manifest_path)
-    clips, skipped = video_files.index_clips(entries, buckets, cfg.data.fps, cfg.data.stride,
-                                             cfg.data.probe_threads, progress=jax.process_index() == 0)
-    if not clips:
-      raise UserError(f"manifest {manifest_path} has no usable clip: all {len(entries)} entries were skipped "
-                      "(the log says why)")
-  except UserError as e:
-    error = e
-  distributed.fail_together(error)
+  clips, skipped = video_files.load_clips(manifest_path, buckets, cfg.data.fps, cfg.data.stride,
+                                          cfg.data.probe_threads, progress=jax.process_index() == 0)
   rows, per_bucket = [], [0] * len(buckets)
   for c in clips:
     rows.append(per_bucket[c.bucket])
     per_bucket[c.bucket] += 1
   meta = {"format": FORMAT, "autoencoder": ae.name, "dtype": cfg.encode.dtype, "text": _text_spec(cfg),
-          "manifest": os.path.abspath(manifest_path), "manifest_hash": _manifest_hash(clips),
+          "manifest": os.path.abspath(manifest_path),
+          "manifest_hash": video_files.clips_digest(clips)[:16],
           "buckets": [{"name": b.name, "frames": b.frames, "height": b.height, "width": b.width,
                        "latent_shape": list(ae.latent_shape(b.frames, b.height, b.width, 3)), "rows": n}
                       for b, n in zip(buckets, per_bucket)]}
-  distributed.check_same(meta["manifest_hash"], f"see other usable clips in {manifest_path} than process 0 "
-                         "(files that some hosts cannot read, or another manifest); make the same files "
-                         "readable on every host")
   error = None
   try:   # process 0 creates the store (or checks it); then every process checks it
     if jax.process_index() == 0:

@@ -15,8 +15,6 @@ per slot, the unreadable files that were replaced to fill it.
 """
 
 import dataclasses
-import hashlib
-import json
 import logging
 
 import grain
@@ -29,12 +27,10 @@ import numpy as np
 from jaxvid import config as config_lib
 from jaxvid.data import buckets as bucket_lib
 from jaxvid.data import latents as latents_lib
-from jaxvid.data import manifest as manifest_lib
 from jaxvid.data import synthetic
 from jaxvid.data import video_files
 from jaxvid.errors import UserError
 from jaxvid.models import text
-from jaxvid.parallel import distributed
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
 
@@ -104,22 +100,8 @@ def make_source(cfg: ml_collections.ConfigDict, process_index: int, process_coun
     raise UserError(f"data.source='files' gives RGB videos; set --config.video.channels=3 "
                     f"(it is {cfg.video.channels})")
   buckets = [bucket_lib.Bucket(*b) for b in config_lib.buckets(cfg, shards)]
-  error, clips, skipped = None, [], 0
-  try:   # may fail on some hosts only (a manifest or files they cannot read): fail on all together
-    entries = manifest_lib.read(cfg.data.manifest)
-    clips, skipped = video_files.index_clips(entries, buckets, cfg.data.fps, cfg.data.stride,
-                                             cfg.data.probe_threads, progress=process_index == 0)
-    if not clips:
-      raise UserError(f"manifest {cfg.data.manifest} has no usable clip: all {len(entries)} entries were "
-                      "skipped (the log says why)")
-  except UserError as e:
-    error = e
-  distributed.fail_together(error)
-  # Every process must see the same clips in the same buckets, or their batches would not line up.
-  digest = hashlib.sha256(json.dumps([(c.entry.key, c.bucket) for c in clips]).encode()).hexdigest()
-  distributed.check_same(digest, f"see other usable clips in {cfg.data.manifest} than process 0 (files that "
-                         "some hosts cannot read, or a manifest that differs); make the same files readable "
-                         "on every host")
+  clips, skipped = video_files.load_clips(cfg.data.manifest, buckets, cfg.data.fps, cfg.data.stride,
+                                          cfg.data.probe_threads, progress=process_index == 0)
   plan = bucket_lib.BatchPlan([c.bucket for c in clips], [b.batch for b in buckets], cfg.seed)
   counts = [len(m) for m in plan.members]
   log.info("%d clips in %s (%d skipped): %s", len(clips), cfg.data.manifest, skipped,

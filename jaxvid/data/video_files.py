@@ -12,6 +12,8 @@ Every failure of a file (missing, empty, not a video, truncated, too short) rais
 
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -22,8 +24,10 @@ from PIL import Image
 import tqdm
 
 from jaxvid.data import buckets as bucket_lib
+from jaxvid.data import manifest as manifest_lib
 from jaxvid.data.manifest import Entry
 from jaxvid.errors import UserError
+from jaxvid.parallel import distributed
 
 log = logging.getLogger("jaxvid")
 
@@ -165,6 +169,38 @@ def report_skip(key: str, reason: str) -> None:
   if key not in _reported:
     _reported.add(key)
     log.warning("skipping %s: %s", key, reason)
+
+
+def load_clips(manifest_path: str, buckets: list, fps: float, stride: int, threads: int,
+               progress: bool = True) -> tuple[list[Clip], int]:
+  """The usable clips of a manifest, the same on every process: `index_clips` of its entries.
+
+  Raises UserError (on every process, so none waits in a collective) if the manifest cannot be
+  read or has no usable clip on some process, or if the processes see different clips.
+  """
+  error, clips, skipped = None, [], 0
+  try:   # may fail on some hosts only (a manifest or files they cannot read): fail on all together
+    entries = manifest_lib.read(manifest_path)
+    clips, skipped = index_clips(entries, buckets, fps, stride, threads, progress)
+    if not clips:
+      raise UserError(f"manifest {manifest_path} has no usable clip: all {len(entries)} entries were "
+                      "skipped (the log says why)")
+  except UserError as e:
+    error = e
+  distributed.fail_together(error)
+  # Every process must see the same clips in the same buckets, or their batches would not line up.
+  distributed.check_same(clips_digest(clips), f"see other usable clips in {manifest_path} than process 0 "
+                         "(files that some hosts cannot read, or a manifest that differs); make the same "
+                         "files readable on every host")
+  return clips, skipped
+
+
+def clips_digest(clips: list[Clip]) -> str:
+  """Hex digest of which clips there are, with their captions, buckets and sampling rates."""
+  h = hashlib.sha256()
+  for c in clips:
+    h.update(json.dumps([c.entry.key, c.entry.caption, c.bucket, round(c.rate, 6)]).encode())
+  return h.hexdigest()
 
 
 def index_clips(entries: list[Entry], buckets: list, fps: float, stride: int, threads: int = 16,

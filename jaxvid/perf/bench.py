@@ -35,8 +35,9 @@ from jaxvid.train import step as step_lib
 log = logging.getLogger("jaxvid")
 
 
-def _median_time(fn, steps: int, warmup: int) -> float:
-  """Median wall seconds of fn() (which must block until its result is ready)."""
+def step_times(fn, steps: int, warmup: int) -> list[float]:
+  """Wall seconds of each of `steps` calls of fn() (which must block until its result is
+  ready), after `warmup` untimed calls."""
   for _ in range(warmup):
     fn()
   times = []
@@ -44,7 +45,11 @@ def _median_time(fn, steps: int, warmup: int) -> float:
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return times
+
+
+def _median_time(fn, steps: int, warmup: int) -> float:
+  return statistics.median(step_times(fn, steps, warmup))
 
 
 def peak_matmul_flops(dtype, size: int | None = None, steps: int = 5) -> float:
