@@ -160,7 +160,8 @@ def encode(cfg: ml_collections.ConfigDict, manifest_path: str, store: str) -> di
   mesh = Mesh(np.asarray(devices), ("batch",))
   shard = NamedSharding(mesh, P("batch"))
   dtype = jax.numpy.dtype(cfg.encode.dtype)
-  encode_fn = jax.jit(lambda v: ae.encode(v).astype(dtype), in_shardings=shard, out_shardings=shard)
+  ae_params = ae.load(mesh)
+  encode_fn = jax.jit(lambda p, v: ae.encode(p, v).astype(dtype), in_shardings=(None, shard), out_shardings=shard)
   tokenizer = text.make_tokenizer(cfg)
   chunk = cfg.encode.batch_size * len(devices)
   arrays = {}
@@ -192,7 +193,7 @@ def encode(cfg: ml_collections.ConfigDict, manifest_path: str, store: str) -> di
         batch = np.stack(videos)
         pad = -len(batch) % len(devices)
         batch = np.concatenate([batch, np.repeat(batch[-1:], pad, 0)]) if pad else batch
-        latents = np.asarray(jax.device_get(encode_fn(jax.device_put(batch, shard))))[:len(good)]
+        latents = np.asarray(jax.device_get(encode_fn(ae_params, jax.device_put(batch, shard))))[:len(good)]
         tokens = tokenizer([c.entry.caption for c, _ in good])
         idx = np.array([row for _, row in good])
         futures = [arrays[b][0][idx].write(latents), arrays[b][1][idx].write(tokens)]

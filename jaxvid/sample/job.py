@@ -126,7 +126,7 @@ def make_generate(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh, 
         fn = lambda x, t: model(x, t, *cond)
       else:
         fn = samplers.guided(model, cond, model.encode_text(negative), guidance)
-      return autoencoder.denormalize(ae.decode(sampler.sample(fn, noise, flow)))
+      return autoencoder.denormalize(ae.decode({}, sampler.sample(fn, noise, flow)))
 
   return generate
 

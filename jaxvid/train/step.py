@@ -40,6 +40,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   """
   seed, drop_rate, decay = cfg.seed, cfg.text.drop_rate, cfg.optim.ema_decay
   ae = autoencoder.make(cfg)
+  ae_params = ae.load()   # identity: none (a trained autoencoder's must become a step argument)
   patch = cfg.model.patch
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -47,7 +48,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     rng_drop, rng_flow = jax.random.split(rng)
     tokens = drop_captions(batch["tokens"], rng_drop, drop_rate)
     # Pixels are encoded here; a latent store holds them encoded already.
-    x0 = ae.encode(batch["video"]) if "video" in batch else batch["latents"].astype(jnp.float32)
+    x0 = ae.encode(ae_params, batch["video"]) if "video" in batch else batch["latents"].astype(jnp.float32)
     # Each bucket is its own trace, so the time shift follows the bucket's token count.
     flow = flow_lib.Flow.from_config(cfg, math.prod(x0.shape[1:4]) // math.prod(patch))
 

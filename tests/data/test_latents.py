@@ -117,7 +117,7 @@ def test_training_reads_what_encode_wrote(store, media):
         meta = video_files.probe(entry)
         video = video_files.decode(entry, meta, bucket.frames, bucket.height, bucket.width,
                                    video_files.sample_fps(entry, meta, 0.0, 1))        # center crop
-        expected[sample["path"]] = np.asarray(ae.encode(video[None]))[0]
+        expected[sample["path"]] = np.asarray(ae.encode({}, video[None]))[0]
       np.testing.assert_allclose(batch["latents"][k].astype(np.float32), expected[sample["path"]],
                                  rtol=0, atol=1e-3, err_msg=f"batch {j} slot {k} {sample['path']}")
       np.testing.assert_array_equal(batch["tokens"][k], tokenizer([sample["caption"]])[0])
