@@ -23,10 +23,11 @@ def get_config(arg: str = "B"):
     raise ValueError(f"unknown variant {arg!r} of configs/dit.py; choose one of {', '.join(VARIANTS)}")
   width, depth, heads, mlp_dim = VARIANTS[arg]
   c = config_lib.base_config()
-  c.model.update(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, patch=(1, 2, 2), dtype="bfloat16")
+  c.model.update(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, patch=(1, 2, 2), dtype="bfloat16",
+                 condition="mask")   # one model for text-to-video and the editing modes
   c.text.update(width=512, depth=4, heads=8, mlp_dim=2048, max_len=128)
   if arg == "wan1.3B":
-    c.model.pos_embed = "none"   # Wan has RoPE only; keeps its parameter layout and behavior
+    c.model.update(pos_embed="none", condition="none")   # Wan's T2V layout: RoPE only, no mask input
   c.train.update(batch_size=64, steps=100_000, log_every=100)
   c.checkpoint.update(every=2000, keep=3)
   return c

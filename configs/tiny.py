@@ -11,7 +11,7 @@ def get_config(arg: str = ""):
   del arg
   c = config_lib.base_config()
   c.video.update(frames=8, height=32, width=32, channels=3, fps=8)
-  c.model.update(patch=(2, 4, 4), width=128, depth=4, heads=4, mlp_dim=512, dtype="float32")
+  c.model.update(patch=(2, 4, 4), width=128, depth=4, heads=4, mlp_dim=512, dtype="float32", condition="mask")
   c.text.update(encoder="words", max_len=16, width=64, depth=2, heads=4, mlp_dim=256)
   c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.999)
   c.train.update(steps=2000, batch_size=8, log_every=50)

@@ -31,6 +31,8 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 CONTEXT_PARALLEL = ("ulysses", "ring")
 # model.attention: "auto" picks per platform (models/attention.py: cudnn on GPU, splash on TPU, blocked on CPU).
 ATTENTION = ("auto", "xla", "blocked", "cudnn", "splash")
+CONDITIONS = ("none", "mask")
+SAMPLERS = ("euler", "heun", "dpm++2m")
 
 
 def base_config() -> ConfigDict:
@@ -59,6 +61,14 @@ def base_config() -> ConfigDict:
   c.model.remat = "none"           # one of REMAT_POLICIES
   c.model.attention = "auto"       # one of ATTENTION; "auto": the best kernel for the platform
   c.model.context_parallel = "ulysses"   # with mesh.sequence > 1: "ulysses" (all-to-all) or "ring"
+  # "mask": the model also takes a mask of known (clean) elements of its input, which makes one
+  # model do image-to-video, extension, long videos and in-painting (diffusion/conditioning.py).
+  c.model.condition = "none"
+
+  # With model.condition = "mask": how often training examples get each kind of known part
+  # (weights, normalized): nothing, the first frame, the first k frames, the last k frames,
+  # everything but a box over a range of frames.
+  c.cond = ConfigDict(dict(none=0.4, first_frame=0.15, prefix=0.2, suffix=0.05, boxes=0.2))
 
   # Text encoder: a small transformer over bytes or hashed words, trained jointly (jaxvid/models/text.py).
   c.text = ConfigDict()
@@ -136,8 +146,11 @@ def base_config() -> ConfigDict:
   c.sample.steps = 30
   c.sample.guidance = 4.0
   c.sample.seed = 0
-  c.sample.sampler = "euler"
+  c.sample.sampler = "euler"         # one of SAMPLERS: euler, heun (2 evaluations a step), dpm++2m
+  c.sample.guidance_interval = (0.0, 1.0)   # guidance applies where lo <= t <= hi; the conditional model elsewhere
   c.sample.negative_prompt = ""
+  c.sample.context_frames = 0       # extension and long videos: frames of the clip so far given to each new
+                                    # chunk (0: half of video.frames)
   c.sample.batch_size = 8
   c.sample.use_ema = True
   return c
@@ -201,6 +214,8 @@ def _parse(key: str, raw: str, current):
   if want is float and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+    if current and isinstance(current[0], float):
+      value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
     if current and not all(isinstance(v, type(current[0])) for v in value):
       raise UserError(f"--config.{key}={raw}: expected a tuple of {type(current[0]).__name__}")
     return type(current)(value)
@@ -292,8 +307,20 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
     raise UserError("checkpoint.every and checkpoint.keep must be at least 1, checkpoint.keep_every at least 0")
   if cfg.sample.steps < 1 or cfg.sample.batch_size < 1:
     raise UserError("sample.steps and sample.batch_size must be at least 1")
-  if cfg.sample.sampler != "euler":
-    raise UserError(f"sample.sampler={cfg.sample.sampler!r}: only 'euler' is available")
+  if cfg.sample.sampler not in SAMPLERS:
+    raise UserError(f"sample.sampler={cfg.sample.sampler!r} must be one of {SAMPLERS}")
+  interval = tuple(cfg.sample.guidance_interval)
+  if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+    raise UserError(f"sample.guidance_interval={cfg.sample.guidance_interval} must be (lo, hi) with "
+                    "0 <= lo <= hi <= 1")
+  if not 0 <= cfg.sample.context_frames < v.frames:
+    raise UserError(f"sample.context_frames={cfg.sample.context_frames} must be in [0, video.frames={v.frames}) "
+                    "(0: half of video.frames)")
+  if m.condition not in CONDITIONS:
+    raise UserError(f"model.condition={m.condition!r} must be one of {CONDITIONS}")
+  weights = [cfg.cond[k] for k in cfg.cond]
+  if min(weights) < 0 or sum(weights) <= 0:
+    raise UserError(f"cond.* weights {dict(cfg.cond)} must be >= 0 with a positive sum")
   sizes = mesh_shape(cfg, num_devices)
   batch_shards = sizes["data"] * sizes["fsdp"]
   if train and cfg.train.batch_size % batch_shards:

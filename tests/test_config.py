@@ -89,7 +89,14 @@ def test_bad_overrides(override, words):
     (["--config.data.source=youtube"], "must be one of"),
     (["--config.text.drop_rate=1.5"], r"text.drop_rate=1.5 must be in \[0, 1\)"),
     (["--config.train.steps=0"], "train.steps=0 must be at least 1"),
-    (["--config.sample.sampler=ddim"], "only 'euler'"),
+    (["--config.sample.sampler=ddim"], "sample.sampler='ddim' must be one of"),
+    (["--config.sample.guidance_interval=(0.8,0.2)"], r"sample.guidance_interval=\(0.8, 0.2\) must be"),
+    (["--config.sample.guidance_interval=(0,1,1)"], "must be .lo, hi."),
+    (["--config.sample.context_frames=8"], r"sample.context_frames=8 must be in \[0, video.frames=8\)"),
+    (["--config.model.condition=image"], "model.condition='image' must be one of"),
+    (["--config.cond.none=-1.0"], "cond.* weights"),
+    (["--config.cond.none=0", "--config.cond.first_frame=0", "--config.cond.prefix=0", "--config.cond.suffix=0",
+      "--config.cond.boxes=0"], "with a positive sum"),
 ])
 def test_validation_errors_name_the_key(overrides, words):
   cfg = config.load(TINY, overrides)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxvid import config as config_lib
+from jaxvid.diffusion import conditioning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +40,18 @@ class Flow:
       t = jax.random.uniform(rng, (batch,))
     return self.shift_t(t)
 
-  def schedule(self, steps: int) -> jax.Array:
-    """Sampling times [steps + 1] from 1 to 0, shifted like training."""
-    return self.shift_t(jnp.linspace(1.0, 0.0, steps + 1))
+  def unshift_t(self, t: jax.Array) -> jax.Array:
+    """The inverse of `shift_t`."""
+    return t / (self.shift - (self.shift - 1) * t)
+
+  def schedule(self, steps: int, start: jax.Array | None = None) -> jax.Array:
+    """Sampling times [steps + 1] from 1 to 0, shifted like training; with `start` [B] in
+    [0, 1], per-item times [B, steps + 1] from start to 0 (the part of the shifted schedule
+    below start, in `steps` equal steps before the shift)."""
+    u = jnp.linspace(1.0, 0.0, steps + 1)
+    if start is not None:
+      u = self.unshift_t(jnp.asarray(start, jnp.float32))[:, None] * u
+    return self.shift_t(u)
 
 
 def resolve_shift(cfg: ml_collections.ConfigDict, tokens: int | None = None) -> float:
@@ -61,10 +71,19 @@ def interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
   return (1 - t) * x0 + t * noise
 
 
-def loss(velocity_fn, x0: jax.Array, rng: jax.Array, flow: Flow) -> jax.Array:
-  """Mean squared velocity error. velocity_fn(x_t [B, ...], t [B]) -> v [B, ...]; x0 [B, ...]."""
+def loss(velocity_fn, x0: jax.Array, rng: jax.Array, flow: Flow, known: jax.Array | None = None) -> jax.Array:
+  """Mean squared velocity error. velocity_fn(x_t [B, ...], t [B]) -> v [B, ...]; x0 [B, ...].
+
+  known [B, ..., 1] (optional): 1 where x0 is given to the model clean (conditioning.apply); the
+  error is averaged over the other elements only.
+  """
   rng_t, rng_noise = jax.random.split(rng)
   t = flow.sample_t(rng_t, x0.shape[0])
   noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
-  v = velocity_fn(interpolate(x0, noise, t), t)
-  return jnp.mean(jnp.square(v.astype(jnp.float32) - (noise - x0)))
+  x_t = interpolate(x0, noise, t)
+  if known is None:
+    return jnp.mean(jnp.square(velocity_fn(x_t, t).astype(jnp.float32) - (noise - x0)))
+  v = velocity_fn(conditioning.apply(x_t, x0, known), t)
+  weight = 1.0 - known
+  error = jnp.sum(weight * jnp.square(v.astype(jnp.float32) - (noise - x0)))
+  return error / jnp.maximum(jnp.sum(weight) * x0.shape[-1], 1.0)

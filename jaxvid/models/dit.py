@@ -1,6 +1,7 @@
 """The spacetime diffusion transformer (DiT), laid out like Wan 2.1's transformer.
 
-  video [B, T, H, W, C] --3D patches--> tokens [B, N, D], N = (T/pt)(H/ph)(W/pw)
+  video [B, T, H, W, C] (+ known mask [B, T, H, W, 1] with model.condition = "mask")
+        --3D patches--> tokens [B, N, D], N = (T/pt)(H/ph)(W/pw)
                                           (+ fixed 3D sin-cos positions if model.pos_embed)
   text tokens [B, L] --text encoder + MLP--> context [B, L, D]
   flow time t [B] --sinusoid + MLP--> temb [B, D] --SiLU + Linear--> 6 modulations [B, 6, D]
@@ -85,13 +86,14 @@ class DiT(nnx.Module):
     m = cfg.model
     d, self.patch = m.width, tuple(m.patch)
     self.heads, self.freq_dim, self.rope_theta = m.heads, m.freq_dim, m.rope_theta
-    self.remat, self.pos_embed = m.remat, m.pos_embed
+    self.remat, self.pos_embed, self.condition = m.remat, m.pos_embed, m.condition
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     patch_dim = self.patch[0] * self.patch[1] * self.patch[2] * cfg.video.channels
+    in_dim = patch_dim // cfg.video.channels * (cfg.video.channels + 1) if self.condition == "mask" else patch_dim
 
     self.text_encoder = text.make_encoder(cfg, dtype, param_dtype, rngs)
-    self.patch_embedding = layers.dense(patch_dim, d, (None, sh.EMBED), **kw)
+    self.patch_embedding = layers.dense(in_dim, d, (None, sh.EMBED), **kw)
     self.text_embedding_1 = layers.dense(cfg.text.width, d, (None, sh.EMBED), **kw)
     self.text_embedding_2 = layers.dense(d, d, (sh.MLP, sh.EMBED), **kw)
     self.time_embedding_1 = layers.dense(m.freq_dim, d, (None, sh.EMBED), **kw)
@@ -112,9 +114,17 @@ class DiT(nnx.Module):
     """tokens int32 [B, L] -> (text embeddings [B, L, text.width], mask bool [B, L])."""
     return self.text_encoder(tokens)
 
-  def __call__(self, x: jax.Array, t: jax.Array, text_emb: jax.Array, text_mask: jax.Array) -> jax.Array:
-    """x [B, T, H, W, C], t [B] in [0, 1], text_emb [B, L, Wt], text_mask [B, L] -> v [B, T, H, W, C]."""
+  def __call__(self, x: jax.Array, t: jax.Array, text_emb: jax.Array, text_mask: jax.Array,
+               known: jax.Array | None = None) -> jax.Array:
+    """x [B, T, H, W, C], t [B] in [0, 1], text_emb [B, L, Wt], text_mask [B, L] -> v [B, T, H, W, C].
+
+    known [B, T, H, W, 1]: with model.condition = "mask", 1 where x holds given clean values
+    (conditioning.apply); None means nothing is known.
+    """
     b, frames, height, width, _ = x.shape
+    if self.condition == "mask":
+      known = jnp.zeros(x.shape[:-1] + (1,), x.dtype) if known is None else known.astype(x.dtype)
+      x = jnp.concatenate([x, known], axis=-1)
     grid = (frames // self.patch[0], height // self.patch[1], width // self.patch[2])
     tokens = self.patch_embedding(patchify(x, self.patch)).astype(jnp.float32)     # [B, N, D]
     if self.pos_embed == "sincos":

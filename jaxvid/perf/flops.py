@@ -39,6 +39,7 @@ def count(cfg: ml_collections.ConfigDict, batch: int, shape: tuple[int, int, int
   n = config_lib.num_tokens(cfg, shape)          # video tokens per clip
   d, f, l, dt = m.width, m.mlp_dim, t.max_len, t.width
   patch_dim = m.patch[0] * m.patch[1] * m.patch[2] * cfg.video.channels
+  in_dim = patch_dim // cfg.video.channels * (cfg.video.channels + 1) if m.condition == "mask" else patch_dim
   mm = lambda rows, k, cols: 2.0 * batch * rows * k * cols   # [batch*rows, k] @ [k, cols]
 
   self_proj = 4 * mm(n, d, d)                    # q, k, v, o
@@ -49,7 +50,7 @@ def count(cfg: ml_collections.ConfigDict, batch: int, shape: tuple[int, int, int
   blocks = m.depth * (self_proj + self_attn + cross_proj + cross_attn + mlp)
   attention = m.depth * (self_attn + cross_attn)
 
-  embed = (mm(n, patch_dim, d) + mm(n, d, patch_dim)            # patch embedding, output projection
+  embed = (mm(n, in_dim, d) + mm(n, d, patch_dim)               # patch embedding (+ known mask), output
            + mm(l, dt, d) + mm(l, d, d)                         # text embedding MLP
            + mm(1, m.freq_dim, d) + mm(1, d, d) + mm(1, d, 6 * d))   # time embedding and projection
 

@@ -113,7 +113,7 @@ def make_generate(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh, 
   v = cfg.video
   shape = (v.frames, v.height, v.width, v.channels)
   flow = flow_lib.Flow.from_config(cfg)
-  sampler = samplers.Euler(cfg.sample.steps)
+  sampler = samplers.make(cfg.sample.sampler, cfg.sample.steps)
   guidance = cfg.sample.guidance
   ae = autoencoder.make(cfg)
 
@@ -126,7 +126,8 @@ def make_generate(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh, 
         fn = lambda x, t: model(x, t, *cond)
       else:
         fn = samplers.guided(model, cond, model.encode_text(negative), guidance)
-      return autoencoder.denormalize(ae.decode({}, sampler.sample(fn, noise, flow)))
+      ts = jnp.broadcast_to(flow.schedule(sampler.steps), (noise.shape[0], sampler.steps + 1))
+      return autoencoder.denormalize(ae.decode({}, sampler.sample(fn, noise, ts)))
 
   return generate
 

@@ -10,6 +10,7 @@ import ml_collections
 import optax
 
 from jaxvid.data import pipeline
+from jaxvid.diffusion import conditioning
 from jaxvid.diffusion import flow as flow_lib
 from jaxvid.models import autoencoder
 from jaxvid.models import text
@@ -35,13 +36,14 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, schedule: optax.Schedule):
   """Returns train_step(state, batch) -> (state, metrics); batch as from `pipeline.Loader`.
 
-  Randomness (caption dropout, flow times, noise) comes from fold_in(seed, step), so a resumed
+  Randomness (caption dropout, flow times, noise, known-part masks) comes from fold_in(seed, step), so a resumed
   run draws exactly what the uninterrupted one would have.
   """
   seed, drop_rate, decay = cfg.seed, cfg.text.drop_rate, cfg.optim.ema_decay
   ae = autoencoder.make(cfg)
   ae_params = ae.load()   # identity: none (a trained autoencoder's must become a step argument)
   patch = cfg.model.patch
+  masks = conditioning.MaskDistribution.from_config(cfg) if cfg.model.condition == "mask" else None
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -51,11 +53,13 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     x0 = ae.encode(ae_params, batch["video"]) if "video" in batch else batch["latents"].astype(jnp.float32)
     # Each bucket is its own trace, so the time shift follows the bucket's token count.
     flow = flow_lib.Flow.from_config(cfg, math.prod(x0.shape[1:4]) // math.prod(patch))
+    # Known parts of each clip (model.condition = "mask"): [B, T, H, W, 1], 1 = given clean.
+    known = None if masks is None else masks.sample(jax.random.fold_in(rng, 2), x0.shape[:4])
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
       text_emb, text_mask = model.encode_text(tokens)
-      return flow_lib.loss(lambda x, t: model(x, t, text_emb, text_mask), x0, rng_flow, flow)
+      return flow_lib.loss(lambda x, t: model(x, t, text_emb, text_mask, known), x0, rng_flow, flow, known)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
