@@ -13,7 +13,7 @@ from jaxvid.errors import UserError
 
 USAGE = """\
 jaxvid train  --config PATH[:ARG] --workdir DIR [--config.KEY=VALUE ...]
-jaxvid sample --workdir DIR (--prompt TEXT | --prompts FILE) --output DIR [--config.KEY=VALUE ...] [--step N]
+jaxvid sample --workdir DIR (--prompt TEXT | --prompts FILE) --output DIR [--config.KEY=VALUE ...] [--step N] [--strict]
 jaxvid encode --config PATH[:ARG] --manifest FILE --output STORE [--config.KEY=VALUE ...]
 jaxvid export --workdir DIR --output PATH [--step N]
 jaxvid bench  --config PATH[:ARG] [--steps N] [--config.KEY=VALUE ...]"""
@@ -41,9 +41,13 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--workdir", required=True, help="a run directory written by `jaxvid train`")
   group = s.add_mutually_exclusive_group(required=True)
   group.add_argument("--prompt", help="one prompt")
-  group.add_argument("--prompts", help=".jsonl ({\"prompt\", \"id\"?, \"seed\"?, \"negative_prompt\"?}) or .txt")
+  group.add_argument("--prompts", help=".txt (a prompt a line) or .jsonl ({\"prompt\", \"id\"?, \"seed\"?, "
+                     "\"negative_prompt\"?} plus a mode's fields: \"frames\"; \"image\"; \"video\" with \"extend\", "
+                     "\"mask\" or \"strength\")")
   s.add_argument("--output", required=True, help="output folder: ID.mp4, ID.json, manifest.jsonl, index.html")
   s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  s.add_argument("--strict", action="store_true",
+                 help="stop before any work if a line of --prompts is unusable (default: report and skip it)")
 
   c = sub.add_parser("encode", prog="jaxvid encode",
                      help="encode a manifest's clips into a latent store (resumes a partly written one)")
@@ -101,10 +105,12 @@ def run(argv: list[str]) -> None:
     distributed.initialize(cfg)
     loop.train(cfg, args.workdir, init_from=args.init_from, init_optimizer=args.init_optimizer)
   elif args.command == "sample":
+    from jaxvid.sample import items as items_lib
     from jaxvid.sample import job
     cfg = job.load_run_config(args.workdir, overrides)
     distributed.initialize(cfg)
-    items = job.single_prompt(args.prompt, cfg) if args.prompt is not None else job.read_prompts(args.prompts, cfg)
+    items = (items_lib.single_prompt(args.prompt, cfg) if args.prompt is not None
+             else items_lib.read_prompts(args.prompts, cfg, strict=args.strict))
     job.sample(cfg, args.workdir, items, args.output, step=args.step)
   elif args.command == "encode":
     from jaxvid.data import latents

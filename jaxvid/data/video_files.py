@@ -113,7 +113,7 @@ def decode(entry: Entry, meta: Meta, frames: int, height: int, width: int, rate:
   if entry.is_image:
     if frames != 1:
       raise BadFile(f"an image is one frame, {frames} were asked for")
-    return _decode_image(entry.path, height, width, crop)[None]
+    return decode_image(entry.path, height, width, crop)[None]
   slack = available_frames(entry, meta, rate) - frames
   if slack < 0:
     raise BadFile(f"too short: {available_frames(entry, meta, rate)} frames at {rate:g} fps, {frames} needed")
@@ -133,7 +133,7 @@ def decode(entry: Entry, meta: Meta, frames: int, height: int, width: int, rate:
   return np.stack(out[:frames]).reshape(frames, height, width, 3)
 
 
-def _decode_image(path: str, height: int, width: int, crop: tuple[float, float]) -> np.ndarray:
+def decode_image(path: str, height: int, width: int, crop: tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
   """An image scaled to cover (height, width) and cropped: uint8 [height, width, 3]."""
   try:
     with Image.open(path) as image:

@@ -1,101 +1,51 @@
-"""The sampling job: prompts in, videos out.
+"""The sampling job: prompts in, videos out, on every device of every process.
 
   jaxvid sample --workdir runs/tiny --prompts prompts.jsonl --output out/
 
-config (the run's config.json + overrides) -> mesh -> restored EMA parameters -> Euler sampler
-with classifier-free guidance -> writer (ID.mp4, ID.json, manifest.jsonl, index.html).
-Items already in OUTPUT/manifest.jsonl are skipped, so rerunning a killed job resumes it.
-Each item's noise comes from its own seed, never from its place in a batch.
+config (the run's config.json + overrides) -> mesh -> restored EMA parameters -> the sampler
+with classifier-free guidance, on batches sharded over (data, fsdp) -> writer (ID.mp4, ID.json,
+manifest.jsonl, index.html).
+
+Items are sampled in chunks (sample/chunks.py: one for most, several for long videos). Each
+row of the global batch is a lane that runs its items' chunks one after another, so an item's
+next chunk is built from its last one on the process that holds its row; the plan of lanes is
+the same pure function of the item list on every process. Each output file is written once,
+by the process that holds its row; process 0 then adds the finished items to manifest.jsonl
+and the gallery. Items in the manifest are skipped, so rerunning a killed job resumes it.
+Each item's noise comes from its own seed (and chunk number), never from its place in a batch.
 """
 
-import dataclasses
-import json
+import hashlib
 import logging
 import os
-import zlib
+import time
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 import ml_collections
 import numpy as np
 import tqdm
 
 from jaxvid import config as config_lib
+from jaxvid.data import video_files
+from jaxvid.diffusion import conditioning
 from jaxvid.diffusion import flow as flow_lib
 from jaxvid.diffusion import samplers
 from jaxvid.errors import UserError
 from jaxvid.models import autoencoder
 from jaxvid.models import text
+from jaxvid.parallel import distributed
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
+from jaxvid.sample import chunks as chunks_lib
 from jaxvid.sample import writer
+from jaxvid.sample.items import Item
 from jaxvid.train import checkpoint as ckpt_lib
 from jaxvid.train import export as export_lib
 from jaxvid.train import state as state_lib
 
 log = logging.getLogger("jaxvid")
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-  id: str
-  prompt: str
-  seed: int
-  negative_prompt: str
-
-
-def item_seed(base: int, item_id: str) -> int:
-  """The seed of an item without one: the base seed folded with its id."""
-  return (base * 1_000_003 + zlib.crc32(item_id.encode())) % (2**31 - 1)
-
-
-def read_prompts(path: str, cfg: ml_collections.ConfigDict) -> list[Item]:
-  """`.jsonl` ({"prompt", "id"?, "seed"?, "negative_prompt"?} per line) or `.txt` (a prompt a line)."""
-  if not os.path.isfile(path):
-    raise UserError(f"prompt file {path} not found")
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
-  rows = []
-  for n, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    if path.endswith(".jsonl"):
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-      if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-        raise UserError(f'{path}:{n}: each line needs a "prompt" string')
-    else:
-      row = {"prompt": line.strip()}
-    row.setdefault("id", f"{len(rows):05d}")
-    rows.append(row)
-  if not rows:
-    raise UserError(f"prompt file {path} has no prompts")
-  items, seen = [], set()
-  for row in rows:
-    try:
-      item_id = writer.sanitize_id(str(row["id"]))
-    except ValueError as e:
-      raise UserError(f"{path}: {e}") from e
-    if item_id in seen:
-      raise UserError(f"{path}: id {item_id!r} appears twice; ids must be unique")
-    seen.add(item_id)
-    seed = row.get("seed", item_seed(cfg.sample.seed, item_id))
-    if not isinstance(seed, int):
-      raise UserError(f"{path}: item {item_id!r} has a non-integer seed {seed!r}")
-    items.append(Item(item_id, row["prompt"], seed, row.get("negative_prompt", cfg.sample.negative_prompt)))
-  return items
-
-
-def single_prompt(prompt: str, cfg: ml_collections.ConfigDict) -> list[Item]:
-  if not prompt.strip():
-    raise UserError("--prompt is empty; give the text of the video to generate")
-  slug = writer.sanitize_id(prompt.strip().replace(" ", "_")[:60] or "prompt")
-  item_id = f"{slug}-{cfg.sample.seed}"
-  return [Item(item_id, prompt, item_seed(cfg.sample.seed, item_id), cfg.sample.negative_prompt)]
 
 
 def load_run_config(workdir: str, overrides: list[str]) -> ml_collections.ConfigDict:
@@ -109,32 +59,89 @@ def load_run_config(workdir: str, overrides: list[str]) -> ml_collections.Config
 
 
 def make_generate(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh, rules):
-  """Returns generate(params, tokens [B, L], negative [B, L], seeds [B]) -> uint8 [B, T, H, W, C]."""
+  """Returns generate(params, ae_params, batch) -> uint8 videos [B, T, H, W, C].
+
+  batch: tokens, negative int32 [B, L]; seed, chunk int32 [B]; strength float32 [B];
+  known uint8 [B, T, H, W, C] and mask uint8 [B, T, H, W, 1] (1: known). The noise of a row
+  is drawn from fold_in(key(seed), chunk) in the latent shape; the row starts at t = strength
+  from (1 - strength) encode(known) + strength noise, and known elements are kept as given.
+  """
   v = cfg.video
-  shape = (v.frames, v.height, v.width, v.channels)
+  ae = autoencoder.make(cfg)
+  latent_shape = ae.latent_shape(v.frames, v.height, v.width, v.channels)
   flow = flow_lib.Flow.from_config(cfg)
   sampler = samplers.make(cfg.sample.sampler, cfg.sample.steps)
-  guidance = cfg.sample.guidance
-  ae = autoencoder.make(cfg)
+  guidance, interval = cfg.sample.guidance, tuple(cfg.sample.guidance_interval)
+  with_mask = cfg.model.condition == "mask"
 
-  def generate(params, tokens, negative, seeds):
+  def generate(params, ae_params, batch):
     with sharding.activation_rules(mesh, rules):
       model = nnx.merge(graphdef, params)
-      noise = jax.vmap(lambda s: jax.random.normal(jax.random.key(s), shape, jnp.float32))(seeds)
-      cond = model.encode_text(tokens)
+      keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(batch["seed"], batch["chunk"])
+      noise = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(keys)
+      x_known = ae.encode(ae_params, batch["known"])
+      known = ae.latent_mask(batch["mask"].astype(jnp.float32)) if with_mask else None
+      strength = batch["strength"]
+      x = flow_lib.interpolate(x_known, noise, strength)
+      ts = flow.schedule(sampler.steps, strength)
+
+      def velocity(x, t, text_emb, text_mask):
+        if known is None:
+          return model(x, t, text_emb, text_mask)
+        twice = lambda a: jnp.concatenate([a] * (x.shape[0] // a.shape[0]), 0)   # [cond; uncond]
+        return model(conditioning.apply(x, twice(x_known), twice(known)), t, text_emb, text_mask, twice(known))
+
+      cond = model.encode_text(batch["tokens"])
       if guidance == 1.0:
-        fn = lambda x, t: model(x, t, *cond)
+        fn = lambda x, t: velocity(x, t, *cond)
       else:
-        fn = samplers.guided(model, cond, model.encode_text(negative), guidance)
-      ts = jnp.broadcast_to(flow.schedule(sampler.steps), (noise.shape[0], sampler.steps + 1))
-      return autoencoder.denormalize(ae.decode({}, sampler.sample(fn, noise, ts)))
+        fn = samplers.guided(velocity, cond, model.encode_text(batch["negative"]), guidance, interval)
+      x = sampler.sample(fn, x, ts)
+      if known is not None:
+        x = conditioning.apply(x, x_known, known)
+      return autoencoder.denormalize(ae.decode(ae_params, x))
 
   return generate
+
+
+def plan_lanes(counts: list[int], lanes: int) -> list[list[tuple[int, int] | None]]:
+  """Rounds of (item, chunk) per lane: items in order go to the lane that frees up first (the
+  lowest on ties) and run their chunks there one round after another. None: an idle lane."""
+  queues = [[] for _ in range(lanes)]
+  for i, n in enumerate(counts):
+    lane = min(range(lanes), key=lambda j: (len(queues[j]), j))
+    queues[lane].extend((i, c) for c in range(n))
+  rounds = max(len(q) for q in queues)
+  return [[q[r] if r < len(q) else None for q in queues] for r in range(rounds)]
+
+
+def record(cfg: ml_collections.ConfigDict, item: Item, step: int, chunks: int) -> dict:
+  """An item's ID.json and manifest line, less "id" and "video"."""
+  s, v = cfg.sample, cfg.video
+  return {"prompt": item.prompt, "negative_prompt": item.negative_prompt, "seed": item.seed,
+          "mode": item.mode, "inputs": dict(item.inputs), "sampler": s.sampler, "steps": s.steps,
+          "guidance": s.guidance, "guidance_interval": list(s.guidance_interval), "checkpoint_step": step,
+          "config_hash": config_lib.config_hash(cfg), "frames": item.frames, "height": v.height,
+          "width": v.width, "fps": v.fps, "chunks": chunks, "context_frames": chunks_lib.context_frames(cfg),
+          "ema": s.use_ema}
+
+
+def check_items(cfg: ml_collections.ConfigDict, items: list[Item]) -> None:
+  """Stops on items the model cannot make (editing modes need model.condition=mask)."""
+  if cfg.model.condition == "mask":
+    return
+  context = chunks_lib.context_frames(cfg)
+  for it in items:
+    if it.mode in ("image-to-video", "extend", "inpaint") or chunks_lib.chunk_count(it, cfg.video.frames,
+                                                                                    context) > 1:
+      raise UserError(f"item {it.id!r} ({it.mode}, {it.frames} frames) needs a model trained with "
+                      "model.condition=mask; this one has none (text-to-video up to video.frames and restyle only)")
 
 
 def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], output: str,
            step: int | None = None) -> None:
   config_lib.validate(cfg, jax.device_count())
+  check_items(cfg, items)
   mesh = mesh_lib.make_mesh(cfg)
   rules = sharding.rules_from_config(cfg)
 
@@ -142,54 +149,131 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
   shardings = state_lib.param_shardings(abstract_params, mesh, rules)
   params, step = export_lib.load_params(workdir, cfg, ckpt_lib.with_shardings(abstract_params, shardings),
                                         step, "ema" if cfg.sample.use_ema else "params")
+  ae_params = autoencoder.make(cfg).load(mesh)
 
   folder = writer.OutputFolder(output)
   done = folder.done_ids()
   todo = [it for it in items if it.id not in done]
+  distributed.check_same(hashlib.sha256("\n".join(it.id for it in todo).encode()).hexdigest(),
+                         f"processes see different items to sample in {output}; give every process the same "
+                         "--prompts file and an --output folder they all see")
   log.info("%d items, %d already done in %s; sampling %d at checkpoint step %d",
            len(items), len(items) - len(todo), output, len(todo), step)
   if not todo:
-    folder.write_gallery()
+    if jax.process_index() == 0:
+      folder.write_gallery()
     return
 
   tokenizer = text.make_tokenizer(cfg)
   for it in todo:
     if tokenizer.truncates(it.prompt):
       log.warning("item %s: prompt longer than text.max_len=%d tokens is truncated", it.id, cfg.text.max_len)
-  batch = cfg.sample.batch_size
-  batch += -batch % (mesh.shape["data"] * mesh.shape["fsdp"])   # whole shards per device
-  in_sharding = lambda ndim: mesh_lib.batch_sharding(mesh, rules, ndim)
+  lanes = cfg.sample.batch_size
+  lanes += -lanes % (mesh.shape["data"] * mesh.shape["fsdp"])   # whole shards per device
+  context = chunks_lib.context_frames(cfg)
+  counts = [chunks_lib.chunk_count(it, cfg.video.frames, context) for it in todo]
+  rounds = plan_lanes(counts, lanes)
+  row_sharding = lambda ndim: mesh_lib.batch_sharding(mesh, rules, ndim)
+  v = cfg.video
+  shapes = {"tokens": (cfg.text.max_len,), "negative": (cfg.text.max_len,), "seed": (), "chunk": (),
+            "strength": (), "known": (v.frames, v.height, v.width, 3), "mask": (v.frames, v.height, v.width, 1)}
+  batch_shardings = {k: row_sharding(1 + len(s)) for k, s in shapes.items()}
   generate = jax.jit(make_generate(cfg, graphdef, mesh, rules),
-                     in_shardings=(shardings, in_sharding(2), in_sharding(2), in_sharding(1)),
-                     out_shardings=in_sharding(5))
-  record = {"sampler": cfg.sample.sampler, "steps": cfg.sample.steps, "guidance": cfg.sample.guidance,
-            "checkpoint_step": step, "config_hash": config_lib.config_hash(cfg), "mode": "text-to-video",
-            "frames": cfg.video.frames, "height": cfg.video.height, "width": cfg.video.width,
-            "fps": cfg.video.fps, "ema": cfg.sample.use_ema}
+                     in_shardings=(shardings, None, batch_shardings), out_shardings=row_sharding(5))
 
+  works: dict[int, chunks_lib.Work] = {}     # this process's items in progress
+  failed: set[int] = set()
+  finished = failures = 0
+  start_time = time.time()
   bar = tqdm.tqdm(total=len(todo), desc="sample", unit="video", dynamic_ncols=True,
-                  disable=jax.process_index() != 0)
-  for start in range(0, len(todo), batch):
-    chunk = todo[start:start + batch]
-    padded = chunk + [chunk[-1]] * (batch - len(chunk))
-    arrays = [tokenizer([it.prompt for it in padded]), tokenizer([it.negative_prompt for it in padded]),
-              np.array([it.seed for it in padded], np.int32)]
-    videos = generate(params, *[_global(a, in_sharding(a.ndim)) for a in arrays])
-    for shard in videos.addressable_shards:     # each process writes the items it holds
-      if shard.replica_id != 0:
-        continue
+                  bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} videos "
+                             "[{elapsed}<{remaining}{postfix}]", disable=jax.process_index() != 0)
+  for lanes_of_round in rounds:
+    rows = {}   # row -> (known, mask, strength) for the rows this process holds, built once each
+
+    def row_inputs(j):
+      if j not in rows:
+        rows[j] = _row_inputs(lanes_of_round[j], todo, works, failed, cfg)
+      return rows[j]
+
+    batch = {}
+    for name in ("tokens", "negative"):
+      texts = [(todo[e[0]].prompt if name == "tokens" else todo[e[0]].negative_prompt) if e else ""
+               for e in lanes_of_round]
+      batch[name] = _global(tokenizer(texts), batch_shardings[name])
+    batch["seed"] = _global(np.array([todo[e[0]].seed if e else 0 for e in lanes_of_round], np.int32),
+                            batch_shardings["seed"])
+    batch["chunk"] = _global(np.array([e[1] if e else 0 for e in lanes_of_round], np.int32), batch_shardings["chunk"])
+    for k, name in enumerate(("known", "mask", "strength")):
+      dtype = np.float32 if name == "strength" else np.uint8
+      batch[name] = jax.make_array_from_callback(
+          (lanes,) + shapes[name], batch_shardings[name],
+          lambda idx, k=k, dtype=dtype: np.stack([np.asarray(row_inputs(j)[k], dtype)
+                                                  for j in range(lanes)[idx[0]]]))
+    videos = generate(params, ae_params, batch)
+
+    status = np.zeros(lanes, np.int32)   # 1: written here, 2: failed here
+    seen = set()
+    for shard in videos.addressable_shards:
       offset = shard.index[0].start or 0
-      for i, frames in enumerate(np.asarray(shard.data), offset):
-        if i < len(chunk):
-          it = chunk[i]
-          folder.write_item(it.id, frames, cfg.video.fps, {
-              "prompt": it.prompt, "negative_prompt": it.negative_prompt, "seed": it.seed, **record})
-    folder.write_gallery()
-    bar.update(len(chunk))
+      for j, frames in enumerate(np.asarray(shard.data), offset):
+        entry = lanes_of_round[j]
+        if entry is None:
+          continue
+        i, c = entry
+        if j not in seen:        # a row held by several devices (replicas) is taken once
+          seen.add(j)
+          if i not in failed:
+            works[i].add(c, frames)
+        if c + 1 == counts[i] and shard.replica_id == 0:   # the item's last chunk: write it once
+          if i in failed:
+            status[j] = 2
+          else:
+            folder.write_files(todo[i].id, works[i].video, v.fps, record(cfg, todo[i], step, counts[i]))
+            status[j] = 1
+    for j in seen:
+      i, c = lanes_of_round[j]
+      if c + 1 == counts[i]:
+        works.pop(i, None)
+    if jax.process_count() > 1:     # what every process wrote (and a barrier before the manifest)
+      from jax.experimental import multihost_utils
+      status = np.max(multihost_utils.process_allgather(status), axis=0)
+    written = [e[0] for j, e in enumerate(lanes_of_round) if status[j] == 1]
+    failures += int(np.sum(status == 2))
+    if jax.process_index() == 0 and written:
+      folder.add_to_manifest([(todo[i].id, record(cfg, todo[i], step, counts[i])) for i in written])
+      folder.write_gallery()
+    finished += int(np.sum(status > 0))
+    minutes = (time.time() - start_time) / 60
+    bar.set_postfix_str(f"{finished / max(minutes, 1e-9):.1f} videos/min", refresh=False)
+    bar.update(int(np.sum(status > 0)))
   bar.close()
-  log.info("wrote %d videos to %s (gallery: %s)", len(todo), output, os.path.join(output, "index.html"))
+  minutes = (time.time() - start_time) / 60
+  log.info("sampled %d videos in %.1f min (%.1f videos/min)%s; %d were already done; gallery: %s",
+           finished - failures, minutes, (finished - failures) / max(minutes, 1e-9),
+           f", {failures} failed (see above)" if failures else "", len(items) - len(todo),
+           os.path.join(output, writer.GALLERY))
 
 
-def _global(array: np.ndarray, sharding_: NamedSharding) -> jax.Array:
+def _row_inputs(entry, todo: list[Item], works: dict, failed: set, cfg: ml_collections.ConfigDict):
+  """(known, mask, strength) of one row of a round; zeros for an idle lane or a failed item."""
+  v = cfg.video
+  idle = (np.zeros((v.frames, v.height, v.width, 3), np.uint8), np.zeros((v.frames, v.height, v.width, 1), np.uint8),
+          1.0)
+  if entry is None:
+    return idle
+  i, c = entry
+  if i in failed:
+    return idle
+  work = works.setdefault(i, chunks_lib.Work(todo[i], cfg))
+  try:
+    return work.inputs(c)
+  except (video_files.BadFile, OSError) as e:
+    log.error("item %s: %s; not sampled", todo[i].id, e)
+    failed.add(i)
+    return idle
+
+
+def _global(array: np.ndarray, sharding_) -> jax.Array:
   """A global array from a host array that every process holds in full."""
   return jax.make_array_from_callback(array.shape, sharding_, lambda idx: array[idx])

@@ -119,8 +119,9 @@ class OutputFolder:
 
   Writes are atomic (write to a temp name in the same folder, then os.replace),
   so a killed job never leaves a half-written ID.mp4 or ID.json under its final
-  name; manifest.jsonl is appended line by line (flush + fsync) only after both
-  files are in place. One process writes a folder at a time.
+  name; manifest.jsonl is appended (flush + fsync) only after both files are in
+  place. Items' files may come from several processes; the manifest and the
+  gallery from one.
   """
 
   def __init__(self, path: str | os.PathLike, title: str = "jaxvid samples"):
@@ -138,7 +139,9 @@ class OutputFolder:
     """Writes ID.mp4 and ID.json, then appends the item's manifest line.
 
     Does not rebuild index.html; call `write_gallery` for that (e.g. after each
-    batch). Writing an id again replaces its files and record.
+    batch). Writing an id again replaces its files and record. (A job on several
+    processes calls `write_files` where each item is made and `add_to_manifest`
+    on one process, once the files are in place.)
 
     Args:
       item_id: an already sanitized id (`sanitize_id(item_id) == item_id`).
@@ -151,27 +154,26 @@ class OutputFolder:
     Raises:
       ValueError: on an unsanitized id, a bad record, or bad frames.
     """
-    if sanitize_id(item_id) != item_id:
-      raise ValueError(
-          f"Item id {item_id!r} is not sanitized; pass sanitize_id(item_id).")
-    if "prompt" not in record:
-      raise ValueError(f"The record of item {item_id!r} has no 'prompt'.")
-    entry = {"id": item_id, "video": f"{item_id}.mp4"}
-    for key, value in record.items():
-      if key in entry and value != entry[key]:
-        raise ValueError(
-            f"The record of item {item_id!r} sets {key!r}={value!r}; this key"
-            " is reserved.")
-      entry[key] = value
+    self.write_files(item_id, frames, fps, record)
+    self.add_to_manifest([(item_id, record)])
+
+  def write_files(self, item_id: str, frames: np.ndarray, fps: int,
+                  record: dict) -> None:
+    """Writes ID.mp4 and ID.json (atomically); see `write_item` for the args."""
+    entry = _entry(item_id, record)
     entry_text = json.dumps(
         entry, default=_to_json, ensure_ascii=False, indent=2)
-    manifest_line = json.dumps(entry, default=_to_json) + "\n"  # ASCII only.
-
     self._write_atomic(
         f"{item_id}.mp4", lambda tmp: write_mp4(tmp, frames, fps))
     self._write_atomic(
         f"{item_id}.json", lambda tmp: _write_bytes(tmp, entry_text + "\n"))
-    self._append_manifest(manifest_line)
+
+  def add_to_manifest(self, items: list[tuple[str, dict]]) -> None:
+    """Appends a manifest line per (item_id, record) whose files are in place."""
+    lines = "".join(json.dumps(_entry(item_id, record), default=_to_json) + "\n"
+                    for item_id, record in items)   # ASCII only.
+    if lines:
+      self._append_manifest(lines)
 
   def write_gallery(self) -> None:
     """(Re)writes index.html from manifest.jsonl, in manifest order."""
@@ -198,7 +200,7 @@ class OutputFolder:
       raise
 
   def _append_manifest(self, line: str) -> None:
-    """Appends one line; first ends a truncated last line left by a kill."""
+    """Appends line(s); first ends a truncated last line left by a kill."""
     with open(os.path.join(self.path, MANIFEST), "a+b") as f:
       data = line.encode("utf-8")
       if f.seek(0, os.SEEK_END) > 0:
@@ -231,6 +233,23 @@ class OutputFolder:
           logging.warning("Skipping unreadable line %d of %s.", number,
                           os.path.join(self.path, MANIFEST))
     return list(entries.values())
+
+
+def _entry(item_id: str, record: dict) -> dict:
+  """The item's record with "id" and "video"; checks the id and the record."""
+  if sanitize_id(item_id) != item_id:
+    raise ValueError(
+        f"Item id {item_id!r} is not sanitized; pass sanitize_id(item_id).")
+  if "prompt" not in record:
+    raise ValueError(f"The record of item {item_id!r} has no 'prompt'.")
+  entry = {"id": item_id, "video": f"{item_id}.mp4"}
+  for key, value in record.items():
+    if key in entry and value != entry[key]:
+      raise ValueError(
+          f"The record of item {item_id!r} sets {key!r}={value!r}; this key"
+          " is reserved.")
+    entry[key] = value
+  return entry
 
 
 def _write_bytes(path: str, text: str) -> None:

@@ -81,3 +81,21 @@ def test_processes_with_different_configs_are_refused(tmp_path):
     assert p.returncode == 2, out
     assert "processes [1] run a different config from process 0" in out, out
   assert not (tmp_path / "w").exists()
+
+
+def test_two_processes_sample_like_one_and_write_each_item_once(trained_run, tmp_path):
+  """2 processes x 4 devices share the lanes of every batch (chained chunks stay on their
+  process); each item's files are written by one process, the manifest by process 0."""
+  from mixed_items import MIXED, assert_same_videos, write_mixed_prompts
+  from jaxvid import cli
+  prompts = write_mixed_prompts(tmp_path)
+  args = ["sample", "--workdir", str(trained_run), "--prompts", prompts, "--config.sample.batch_size=2"]
+  proc = subprocess.run([os.path.join(REPO, "launch", "local.sh"), "2", "4", sys.executable, "-m", "jaxvid", *args,
+                         "--output", str(tmp_path / "mp"), "--config.mesh.data=2", "--config.mesh.fsdp=4"],
+                        env=_env(JAXVID_LOG_DIR=str(tmp_path / "logs")), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr + open(tmp_path / "logs" / "process_1.log").read()
+  assert cli.main([*args, "--output", str(tmp_path / "one")]) == 0          # one process, 8 devices
+  assert_same_videos(tmp_path / "one", tmp_path / "mp", "2 processes")
+  lines = open(tmp_path / "mp" / "manifest.jsonl").read().splitlines()
+  assert sorted(json.loads(line)["id"] for line in lines) == sorted(r["id"] for r in MIXED)
+  assert not [f for f in os.listdir(tmp_path / "mp") if ".tmp-" in f]

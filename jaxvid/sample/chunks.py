@@ -1,0 +1,126 @@
+"""The chunks an item is sampled in, their inputs, and the video they add up to.
+
+The model makes clips of T = video.frames frames. An item is sampled in one or more chunks of
+T frames, each given as (known uint8 [T, H, W, 3], mask uint8 [T, H, W, 1], strength): mask 1
+marks the frames or pixels given clean, strength is the noise level t the chunk starts from.
+
+  text-to-video   nothing known; longer than T, it continues as below
+  image-to-video  the image is frame 0 of the first chunk, then as below
+  extend          every chunk is given the last K frames of the video so far (K =
+                  sample.context_frames, default T / 2; all of them if there are fewer) and
+                  adds T - K new ones, until the video has its length
+  inpaint         the video's first T frames, known outside the mask's region
+  restyle         the video's first T frames, noised to t = strength; nothing known
+
+`Work` holds one item's progress on the process that samples it.
+"""
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from jaxvid.data import video_files
+from jaxvid.data.manifest import Entry
+from jaxvid.sample.items import Item
+
+
+def context_frames(cfg: ml_collections.ConfigDict) -> int:
+  """K: frames of the video so far given to each continuing chunk."""
+  return cfg.sample.context_frames or cfg.video.frames // 2
+
+
+def chunk_count(item: Item, frames: int, context: int) -> int:
+  """Chunks of `frames` frames that make `item`, continuing with `context` known frames."""
+  if item.mode in ("inpaint", "restyle"):
+    return 1
+  n, chunks = item.given, 0
+  if n == 0:
+    n, chunks = frames, 1
+  while n < item.frames:
+    n += frames - min(context, n)
+    chunks += 1
+  return chunks
+
+
+class Work:
+  """One item's chunks: `inputs(c)` for chunk c, then `add(c, frames)` with what it made.
+
+  Media files are decoded at the first `inputs` call; a file that fails then raises
+  video_files.BadFile.
+  """
+
+  def __init__(self, item: Item, cfg: ml_collections.ConfigDict):
+    v = cfg.video
+    self.item, self.fps = item, v.fps
+    self.shape = (v.frames, v.height, v.width)
+    self.context = context_frames(cfg)
+    self.chunks = chunk_count(item, v.frames, self.context)
+    self.video: np.ndarray | None = None     # uint8 [n, H, W, 3]: the video so far
+    self._region: np.ndarray | None = None   # inpaint: bool [T, H, W], True where regenerated
+    self._given = 0                          # frames given to the last chunk
+    self.added = 0                           # chunks done
+
+  @property
+  def finished(self) -> bool:
+    return self.added == self.chunks
+
+  def inputs(self, chunk: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(known uint8 [T, H, W, 3], mask uint8 [T, H, W, 1], strength) of chunk `chunk`."""
+    assert chunk == self.added, (chunk, self.added)
+    if chunk == 0:
+      self._load()
+    t, h, w = self.shape
+    known = np.zeros((t, h, w, 3), np.uint8)
+    mask = np.zeros((t, h, w, 1), np.uint8)
+    mode = self.item.mode
+    if mode == "restyle":
+      return self.video[:t], mask, self.item.strength
+    if mode == "inpaint":
+      mask[..., 0] = ~self._region
+      return self.video[:t], mask, 1.0
+    self._given = 0 if self.video is None else min(self.context, len(self.video))
+    if self._given:
+      known[:self._given] = self.video[-self._given:]
+      mask[:self._given] = 1
+    return known, mask, 1.0
+
+  def add(self, chunk: int, frames: np.ndarray) -> None:
+    """Takes the uint8 [T, H, W, 3] frames chunk `chunk` made."""
+    assert chunk == self.added, (chunk, self.added)
+    if self.item.mode in ("inpaint", "restyle") or self.video is None:
+      self.video = frames
+    else:
+      self.video = np.concatenate([self.video, frames[self._given:]])
+    self.video = self.video[:self.item.frames]
+    self.added += 1
+
+  def _load(self) -> None:
+    """Decodes the item's image or clip (and mask) at the model's frame size and rate."""
+    item, (t, h, w) = self.item, self.shape
+    if item.image:
+      self.video = video_files.decode_image(item.image, h, w)[None]
+    elif item.video:
+      entry = Entry(item.video, "")
+      meta = video_files.probe(entry)
+      self.video = video_files.decode(entry, meta, item.given, h, w, self.fps, offset=0.0)
+    if item.mode == "inpaint":
+      self._region = region(item, self.shape)
+
+
+def region(item: Item, shape: tuple[int, int, int]) -> np.ndarray:
+  """bool [T, H, W]: where an inpaint item is regenerated (its mask image or boxes)."""
+  t, h, w = shape
+  out = np.zeros(shape, bool)
+  if item.mask_image:
+    with Image.open(item.mask_image) as image:
+      gray = image.convert("L")
+      if gray.size != (w, h):    # the video's size: scaled and cropped like the video
+        scale = max(h / gray.height, w / gray.width)
+        size = (max(w, round(gray.width * scale)), max(h, round(gray.height * scale)))
+        gray = gray.resize(size, Image.Resampling.BILINEAR)
+        x, y = round((size[0] - w) * 0.5), round((size[1] - h) * 0.5)
+        gray = gray.crop((x, y, x + w, y + h))
+      out[:] = np.asarray(gray) >= 128
+  for x0, y0, x1, y1, f0, f1 in item.boxes:
+    out[f0:f1, y0:y1, x0:x1] = True
+  return out
