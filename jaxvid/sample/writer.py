@@ -263,11 +263,13 @@ def _gallery_card(entry: dict) -> str:
   video = html.escape(str(entry.get("video", f"{entry['id']}.mp4")))
   prompt = html.escape(str(entry.get("prompt", "")))
   seed = html.escape(str(entry.get("seed", "?")))
+  mode = html.escape(str(entry.get("mode", "")))
+  mode = f"{mode} &middot; " if mode else ""
   return (
       f'<figure id="{item_id}">'
       f'<video src="{video}" autoplay loop muted playsinline></video>'
       f'<figcaption><p>{prompt}</p>'
-      f'<small>seed {seed} &middot; <a href="{item_id}.json">{item_id}.json</a>'
+      f'<small>{mode}seed {seed} &middot; <a href="{item_id}.json">{item_id}.json</a>'
       '</small></figcaption></figure>')
 
 
