@@ -16,6 +16,7 @@ Each item's noise comes from its own seed (and chunk number), never from its pla
 """
 
 import hashlib
+import heapq
 import logging
 import os
 import time
@@ -108,22 +109,25 @@ def plan_lanes(counts: list[int], lanes: int) -> list[list[tuple[int, int] | Non
   """Rounds of (item, chunk) per lane: items in order go to the lane that frees up first (the
   lowest on ties) and run their chunks there one round after another. None: an idle lane."""
   queues = [[] for _ in range(lanes)]
+  free = [(0, j) for j in range(lanes)]          # (chunks queued, lane), a heap
   for i, n in enumerate(counts):
-    lane = min(range(lanes), key=lambda j: (len(queues[j]), j))
+    load, lane = heapq.heappop(free)
     queues[lane].extend((i, c) for c in range(n))
+    heapq.heappush(free, (load + n, lane))
   rounds = max(len(q) for q in queues)
   return [[q[r] if r < len(q) else None for q in queues] for r in range(rounds)]
 
 
-def record(cfg: ml_collections.ConfigDict, item: Item, step: int, chunks: int) -> dict:
-  """An item's ID.json and manifest line, less "id" and "video"."""
+def make_record(cfg: ml_collections.ConfigDict, step: int):
+  """Returns record(item, chunks) -> the item's ID.json and manifest line, less "id" and "video"."""
   s, v = cfg.sample, cfg.video
-  return {"prompt": item.prompt, "negative_prompt": item.negative_prompt, "seed": item.seed,
-          "mode": item.mode, "inputs": dict(item.inputs), "sampler": s.sampler, "steps": s.steps,
-          "guidance": s.guidance, "guidance_interval": list(s.guidance_interval), "checkpoint_step": step,
-          "config_hash": config_lib.config_hash(cfg), "frames": item.frames, "height": v.height,
-          "width": v.width, "fps": v.fps, "chunks": chunks, "context_frames": chunks_lib.context_frames(cfg),
-          "ema": s.use_ema}
+  shared = {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance,
+            "guidance_interval": list(s.guidance_interval), "checkpoint_step": step,
+            "config_hash": config_lib.config_hash(cfg), "height": v.height, "width": v.width, "fps": v.fps,
+            "context_frames": chunks_lib.context_frames(cfg), "ema": s.use_ema}
+  return lambda item, chunks: {"prompt": item.prompt, "negative_prompt": item.negative_prompt, "seed": item.seed,
+                               "mode": item.mode, "inputs": dict(item.inputs), "frames": item.frames,
+                               "chunks": chunks, **shared}
 
 
 def check_items(cfg: ml_collections.ConfigDict, items: list[Item]) -> None:
@@ -181,6 +185,7 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
   generate = jax.jit(make_generate(cfg, graphdef, mesh, rules),
                      in_shardings=(shardings, None, batch_shardings), out_shardings=row_sharding(5))
 
+  record = make_record(cfg, step)
   works: dict[int, chunks_lib.Work] = {}     # this process's items in progress
   failed: set[int] = set()
   finished = failures = 0
@@ -189,60 +194,25 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} videos "
                              "[{elapsed}<{remaining}{postfix}]", disable=jax.process_index() != 0)
   for lanes_of_round in rounds:
-    rows = {}   # row -> (known, mask, strength) for the rows this process holds, built once each
+    rows = {}   # row -> (known, mask, strength) of the rows this process holds, built once each
 
     def row_inputs(j):
       if j not in rows:
         rows[j] = _row_inputs(lanes_of_round[j], todo, works, failed, cfg)
       return rows[j]
 
-    batch = {}
-    for name in ("tokens", "negative"):
-      texts = [(todo[e[0]].prompt if name == "tokens" else todo[e[0]].negative_prompt) if e else ""
-               for e in lanes_of_round]
-      batch[name] = _global(tokenizer(texts), batch_shardings[name])
-    batch["seed"] = _global(np.array([todo[e[0]].seed if e else 0 for e in lanes_of_round], np.int32),
-                            batch_shardings["seed"])
-    batch["chunk"] = _global(np.array([e[1] if e else 0 for e in lanes_of_round], np.int32), batch_shardings["chunk"])
-    for k, name in enumerate(("known", "mask", "strength")):
-      dtype = np.float32 if name == "strength" else np.uint8
-      batch[name] = jax.make_array_from_callback(
-          (lanes,) + shapes[name], batch_shardings[name],
-          lambda idx, k=k, dtype=dtype: np.stack([np.asarray(row_inputs(j)[k], dtype)
-                                                  for j in range(lanes)[idx[0]]]))
+    batch = _batch(lanes_of_round, todo, tokenizer, row_inputs, shapes, batch_shardings)
     videos = generate(params, ae_params, batch)
-
-    status = np.zeros(lanes, np.int32)   # 1: written here, 2: failed here
-    seen = set()
-    for shard in videos.addressable_shards:
-      offset = shard.index[0].start or 0
-      for j, frames in enumerate(np.asarray(shard.data), offset):
-        entry = lanes_of_round[j]
-        if entry is None:
-          continue
-        i, c = entry
-        if j not in seen:        # a row held by several devices (replicas) is taken once
-          seen.add(j)
-          if i not in failed:
-            works[i].add(c, frames)
-        if c + 1 == counts[i] and shard.replica_id == 0:   # the item's last chunk: write it once
-          if i in failed:
-            status[j] = 2
-          else:
-            folder.write_files(todo[i].id, works[i].video, v.fps, record(cfg, todo[i], step, counts[i]))
-            status[j] = 1
-    for j in seen:
-      i, c = lanes_of_round[j]
-      if c + 1 == counts[i]:
-        works.pop(i, None)
+    status = _take(videos, lanes_of_round, todo, counts, works, failed,
+                   lambda i, frames: folder.write_files(todo[i].id, frames, v.fps, record(todo[i], counts[i])))
     if jax.process_count() > 1:     # what every process wrote (and a barrier before the manifest)
       from jax.experimental import multihost_utils
       status = np.max(multihost_utils.process_allgather(status), axis=0)
     written = [e[0] for j, e in enumerate(lanes_of_round) if status[j] == 1]
-    failures += int(np.sum(status == 2))
     if jax.process_index() == 0 and written:
-      folder.add_to_manifest([(todo[i].id, record(cfg, todo[i], step, counts[i])) for i in written])
+      folder.add_to_manifest([(todo[i].id, record(todo[i], counts[i])) for i in written])
       folder.write_gallery()
+    failures += int(np.sum(status == 2))
     finished += int(np.sum(status > 0))
     minutes = (time.time() - start_time) / 60
     bar.set_postfix_str(f"{finished / max(minutes, 1e-9):.1f} videos/min", refresh=False)
@@ -253,6 +223,54 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
            finished - failures, minutes, (finished - failures) / max(minutes, 1e-9),
            f", {failures} failed (see above)" if failures else "", len(items) - len(todo),
            os.path.join(output, writer.GALLERY))
+
+
+def _batch(lanes_of_round: list, todo: list[Item], tokenizer, row_inputs, shapes: dict, shardings: dict) -> dict:
+  """The global batch of one round: text and seeds from the item list (every process has it),
+  known frames, masks and strengths from `row_inputs(j)` for the rows this process holds."""
+  lanes = len(lanes_of_round)
+  items = [todo[e[0]] if e else None for e in lanes_of_round]
+  host = {"tokens": tokenizer([it.prompt if it else "" for it in items]),
+          "negative": tokenizer([it.negative_prompt if it else "" for it in items]),
+          "seed": np.array([it.seed if it else 0 for it in items], np.int32),
+          "chunk": np.array([e[1] if e else 0 for e in lanes_of_round], np.int32)}
+  batch = {k: _global(a, shardings[k]) for k, a in host.items()}
+  for k, name in enumerate(("known", "mask", "strength")):
+    dtype = np.float32 if name == "strength" else np.uint8
+    batch[name] = jax.make_array_from_callback(
+        (lanes,) + shapes[name], shardings[name],
+        lambda idx, k=k, dtype=dtype: np.stack([np.asarray(row_inputs(j)[k], dtype) for j in range(lanes)[idx[0]]]))
+  return batch
+
+
+def _take(videos: jax.Array, lanes_of_round: list, todo: list[Item], counts: list[int], works: dict, failed: set,
+          write) -> np.ndarray:
+  """Adds each chunk this process holds to its item's Work; `write(i, frames)` each item whose
+  last chunk this is, where this process holds the row's first replica. Returns int32 [lanes]:
+  1 where an item was written here, 2 where it failed here."""
+  status = np.zeros(len(lanes_of_round), np.int32)
+  seen = set()
+  for shard in videos.addressable_shards:
+    offset = shard.index[0].start or 0
+    for j, frames in enumerate(np.asarray(shard.data), offset):
+      if lanes_of_round[j] is None:
+        continue
+      i, c = lanes_of_round[j]
+      if j not in seen:        # a row held by several devices (replicas) is taken once
+        seen.add(j)
+        if i not in failed:
+          works[i].add(c, frames)
+      if c + 1 == counts[i] and shard.replica_id == 0:   # the item's last chunk: written once
+        if i in failed:
+          status[j] = 2
+        else:
+          write(i, works[i].video)
+          status[j] = 1
+  for j in seen:
+    i, c = lanes_of_round[j]
+    if c + 1 == counts[i]:
+      works.pop(i, None)
+  return status
 
 
 def _row_inputs(entry, todo: list[Item], works: dict, failed: set, cfg: ml_collections.ConfigDict):

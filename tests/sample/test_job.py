@@ -239,3 +239,17 @@ def test_a_killed_job_resumes_and_writes_each_item_once(trained_run, tmp_path):
   assert sorted(ids) == [f"{i:05d}" for i in range(40)]                # each item once
   assert {i: os.stat(out / f"{i}.mp4").st_mtime_ns for i in before} == mtimes    # finished ones not redone
   assert not [f for f in os.listdir(out) if ".tmp-" in f]
+
+
+def test_an_item_whose_media_fails_to_decode_is_reported_and_the_rest_are_written(trained_run, tmp_path, capsys):
+  # +faststart: the header (moov) comes first, so the file probes as a 4 s clip; its frames are cut off.
+  writer.write_mp4(tmp_path / "cut.mp4", np.random.default_rng(0).integers(0, 255, (32, 16, 16, 3), np.uint8), fps=8)
+  data = (tmp_path / "cut.mp4").read_bytes()
+  (tmp_path / "cut.mp4").write_bytes(data[:len(data) // 2])
+  (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "ok", "id": "ok"}) + "\n"
+                                    + json.dumps({"prompt": "cut", "id": "cut", "video": "cut.mp4", "extend": 2}) + "\n")
+  assert _sample(trained_run, tmp_path / "out", "--prompts", str(tmp_path / "p.jsonl")) == 0
+  err = capsys.readouterr().err
+  assert "item cut: truncated or unreadable" in err and "1 failed (see above)" in err, err
+  assert sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".mp4")) == ["ok.mp4"]
+  assert [json.loads(line)["id"] for line in open(tmp_path / "out" / "manifest.jsonl")] == ["ok"]
