@@ -24,9 +24,9 @@ import ml_collections
 KINDS = ("none", "first_frame", "prefix", "suffix", "boxes")
 
 
-def apply(x: jax.Array, known: jax.Array, mask: jax.Array) -> jax.Array:
-  """x [B, T, H, W, C] with the known elements (mask [B, T, H, W, 1] = 1) taken from `known`."""
-  return mask * known + (1 - mask) * x
+def apply(x: jax.Array, known_x: jax.Array, known_mask: jax.Array) -> jax.Array:
+  """x [B, T, H, W, C] with the known elements (known_mask [B, T, H, W, 1] = 1) taken from known_x."""
+  return known_mask * known_x + (1 - known_mask) * x
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,19 +71,19 @@ def interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
   return (1 - t) * x0 + t * noise
 
 
-def loss(velocity_fn, x0: jax.Array, rng: jax.Array, flow: Flow, known: jax.Array | None = None) -> jax.Array:
+def loss(velocity_fn, x0: jax.Array, rng: jax.Array, flow: Flow, known_mask: jax.Array | None = None) -> jax.Array:
   """Mean squared velocity error. velocity_fn(x_t [B, ...], t [B]) -> v [B, ...]; x0 [B, ...].
 
-  known [B, ..., 1] (optional): 1 where x0 is given to the model clean (conditioning.apply); the
-  error is averaged over the other elements only.
+  known_mask [B, ..., 1] (optional): 1 where x0 is given to the model clean (conditioning.apply);
+  the error is averaged over the other elements only.
   """
   rng_t, rng_noise = jax.random.split(rng)
   t = flow.sample_t(rng_t, x0.shape[0])
   noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
   x_t = interpolate(x0, noise, t)
-  if known is None:
+  if known_mask is None:
     return jnp.mean(jnp.square(velocity_fn(x_t, t).astype(jnp.float32) - (noise - x0)))
-  v = velocity_fn(conditioning.apply(x_t, x0, known), t)
-  weight = 1.0 - known
+  v = velocity_fn(conditioning.apply(x_t, x0, known_mask), t)
+  weight = 1.0 - known_mask
   error = jnp.sum(weight * jnp.square(v.astype(jnp.float32) - (noise - x0)))
   return error / jnp.maximum(jnp.sum(weight) * x0.shape[-1], 1.0)

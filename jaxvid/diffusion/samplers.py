@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-SAMPLERS = ("euler", "heun", "dpm++2m")
+from jaxvid.config import SAMPLERS
 
 
 def _per_item(a: jax.Array, ndim: int) -> jax.Array:
@@ -31,10 +31,6 @@ def _per_item(a: jax.Array, ndim: int) -> jax.Array:
 class Euler:
   """x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i)."""
   steps: int
-
-  @property
-  def evaluations(self) -> int:
-    return self.steps
 
   def sample(self, velocity_fn, x: jax.Array, ts: jax.Array) -> jax.Array:
     """velocity_fn(x [B, ...], t [B]) -> v [B, ...]; x [B, ...] at ts[:, 0]; ts [B, steps + 1]."""
@@ -49,10 +45,6 @@ class Euler:
 class Heun:
   """Heun's method: an Euler predictor, then the average of the slopes at both ends."""
   steps: int
-
-  @property
-  def evaluations(self) -> int:
-    return 2 * self.steps
 
   def sample(self, velocity_fn, x: jax.Array, ts: jax.Array) -> jax.Array:
     """As `Euler.sample`."""
@@ -77,10 +69,6 @@ class DPMSolver2M:
   Written with ratios so t = 1 (alpha = 0) and t = 0 (sigma = 0) stay finite.
   """
   steps: int
-
-  @property
-  def evaluations(self) -> int:
-    return self.steps
 
   def sample(self, velocity_fn, x: jax.Array, ts: jax.Array) -> jax.Array:
     """As `Euler.sample`."""

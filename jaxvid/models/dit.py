@@ -115,16 +115,17 @@ class DiT(nnx.Module):
     return self.text_encoder(tokens)
 
   def __call__(self, x: jax.Array, t: jax.Array, text_emb: jax.Array, text_mask: jax.Array,
-               known: jax.Array | None = None) -> jax.Array:
+               known_mask: jax.Array | None = None) -> jax.Array:
     """x [B, T, H, W, C], t [B] in [0, 1], text_emb [B, L, Wt], text_mask [B, L] -> v [B, T, H, W, C].
 
-    known [B, T, H, W, 1]: with model.condition = "mask", 1 where x holds given clean values
+    known_mask [B, T, H, W, 1]: with model.condition = "mask", 1 where x holds given clean values
     (conditioning.apply); None means nothing is known.
     """
     b, frames, height, width, _ = x.shape
     if self.condition == "mask":
-      known = jnp.zeros(x.shape[:-1] + (1,), x.dtype) if known is None else known.astype(x.dtype)
-      x = jnp.concatenate([x, known], axis=-1)
+      known_mask = (jnp.zeros(x.shape[:-1] + (1,), x.dtype) if known_mask is None
+                    else known_mask.astype(x.dtype))
+      x = jnp.concatenate([x, known_mask], axis=-1)
     grid = (frames // self.patch[0], height // self.patch[1], width // self.patch[2])
     tokens = self.patch_embedding(patchify(x, self.patch)).astype(jnp.float32)     # [B, N, D]
     if self.pos_embed == "sincos":

@@ -109,6 +109,15 @@ def fail_together(error: Exception | None) -> None:
     raise UserError(f"processes {failed} stopped with an error (their logs say which); fix it and rerun")
 
 
+def max_over_processes(values: np.ndarray) -> np.ndarray:
+  """The elementwise max of `values` over all processes (every process must call it; a
+  collective, so also a barrier). The array itself in a one-process job."""
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+  return np.max(np.asarray(multihost_utils.process_allgather(values)), axis=0)
+
+
 def check_same(digest: str, differ_message: str) -> None:
   """Raises UserError("processes [i, ...] " + differ_message) unless every process has the same
   hex `digest` (a no-op in a one-process job)."""

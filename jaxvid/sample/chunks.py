@@ -25,8 +25,10 @@ from jaxvid.sample.items import Item
 
 
 def context_frames(cfg: ml_collections.ConfigDict) -> int:
-  """K: frames of the video so far given to each continuing chunk."""
-  return cfg.sample.context_frames or cfg.video.frames // 2
+  """K: frames of the video so far given to each continuing chunk (at least 1 when a clip has 2)."""
+  if cfg.video.frames < 2:
+    return 0
+  return cfg.sample.context_frames or max(1, cfg.video.frames // 2)
 
 
 def chunk_count(item: Item, frames: int, context: int) -> int:
@@ -36,9 +38,10 @@ def chunk_count(item: Item, frames: int, context: int) -> int:
   n, chunks = item.given, 0
   if n == 0:
     n, chunks = frames, 1
-  while n < item.frames:
-    n += frames - min(context, n)
-    chunks += 1
+  if n < item.frames and n < context:      # a clip shorter than the context: all of it is given
+    n, chunks = n + frames - n, chunks + 1
+  if n < item.frames:                      # then T - K new frames a chunk
+    chunks += -(-(item.frames - n) // (frames - context))
   return chunks
 
 
@@ -55,7 +58,8 @@ class Work:
     self.shape = (v.frames, v.height, v.width)
     self.context = context_frames(cfg)
     self.chunks = chunk_count(item, v.frames, self.context)
-    self.video: np.ndarray | None = None     # uint8 [n, H, W, 3]: the video so far
+    self._parts: list[np.ndarray] = []       # uint8 [n_i, H, W, 3]: the video so far, in pieces
+    self._length = 0
     self._region: np.ndarray | None = None   # inpaint: bool [T, H, W], True where regenerated
     self._given = 0                          # frames given to the last chunk
     self.added = 0                           # chunks done
@@ -63,6 +67,11 @@ class Work:
   @property
   def finished(self) -> bool:
     return self.added == self.chunks
+
+  @property
+  def video(self) -> np.ndarray:
+    """uint8 [frames, H, W, 3]: the video (so far)."""
+    return np.concatenate(self._parts)[:self.item.frames]
 
   def inputs(self, chunk: int) -> tuple[np.ndarray, np.ndarray, float]:
     """(known uint8 [T, H, W, 3], mask uint8 [T, H, W, 1], strength) of chunk `chunk`."""
@@ -74,35 +83,46 @@ class Work:
     mask = np.zeros((t, h, w, 1), np.uint8)
     mode = self.item.mode
     if mode == "restyle":
-      return self.video[:t], mask, self.item.strength
+      return self._parts[0][:t], mask, self.item.strength
     if mode == "inpaint":
       mask[..., 0] = ~self._region
-      return self.video[:t], mask, 1.0
-    self._given = 0 if self.video is None else min(self.context, len(self.video))
+      return self._parts[0][:t], mask, 1.0
+    self._given = min(self.context, self._length)
     if self._given:
-      known[:self._given] = self.video[-self._given:]
+      known[:self._given] = self._last(self._given)
       mask[:self._given] = 1
     return known, mask, 1.0
 
   def add(self, chunk: int, frames: np.ndarray) -> None:
     """Takes the uint8 [T, H, W, 3] frames chunk `chunk` made."""
     assert chunk == self.added, (chunk, self.added)
-    if self.item.mode in ("inpaint", "restyle") or self.video is None:
-      self.video = frames
+    if self.item.mode in ("inpaint", "restyle"):
+      self._parts = [frames]
     else:
-      self.video = np.concatenate([self.video, frames[self._given:]])
-    self.video = self.video[:self.item.frames]
+      self._parts.append(frames[self._given:])
+    self._length = sum(len(p) for p in self._parts)
     self.added += 1
+
+  def _last(self, n: int) -> np.ndarray:
+    """The last n frames of the video so far."""
+    out, need = [], n
+    for part in reversed(self._parts):
+      out.append(part[max(0, len(part) - need):])
+      need -= len(out[-1])
+      if need == 0:
+        break
+    return np.concatenate(out[::-1])
 
   def _load(self) -> None:
     """Decodes the item's image or clip (and mask) at the model's frame size and rate."""
     item, (t, h, w) = self.item, self.shape
     if item.image:
-      self.video = video_files.decode_image(item.image, h, w)[None]
+      self._parts = [video_files.decode_image(item.image, h, w)[None]]
     elif item.video:
       entry = Entry(item.video, "")
       meta = video_files.probe(entry)
-      self.video = video_files.decode(entry, meta, item.given, h, w, self.fps, offset=0.0)
+      self._parts = [video_files.decode(entry, meta, item.given, h, w, self.fps, offset=0.0)]
+    self._length = sum(len(p) for p in self._parts)
     if item.mode == "inpaint":
       self._region = region(item, self.shape)
 

@@ -43,6 +43,7 @@ from jaxvid.sample import writer
 
 log = logging.getLogger("jaxvid")
 
+MAX_FRAMES = 10_000   # the longest output video, in frames
 MODES = ("text-to-video", "image-to-video", "extend", "inpaint", "restyle")
 # The fields that pick a mode (besides "frames", which text-to-video and image-to-video take).
 _MODE_FIELDS = {frozenset(): "text-to-video", frozenset({"image"}): "image-to-video",
@@ -85,7 +86,10 @@ def single_prompt(prompt: str, cfg: ml_collections.ConfigDict) -> list[Item]:
   """The item of `jaxvid sample --prompt TEXT` (text-to-video, id from the prompt and seed)."""
   if not prompt.strip():
     raise UserError("--prompt is empty; give the text of the video to generate")
-  slug = writer.sanitize_id(prompt.strip().replace(" ", "_")[:60] or "prompt")
+  try:
+    slug = writer.sanitize_id(prompt.strip().replace(" ", "_")[:60])
+  except ValueError:   # nothing in [A-Za-z0-9._-]: name it by a hash of the prompt
+    slug = f"prompt-{zlib.crc32(prompt.encode()):08x}"
   item_id = f"{slug}-{cfg.sample.seed}"
   return [Item(item_id, prompt, item_seed(cfg.sample.seed, item_id), cfg.sample.negative_prompt,
                frames=cfg.video.frames)]
@@ -99,13 +103,16 @@ def read_prompts(path: str, cfg: ml_collections.ConfigDict, strict: bool = False
   """
   if not os.path.isfile(path):
     raise UserError(f"prompt file {path} not found")
-  with open(path, encoding="utf-8-sig") as f:
-    lines = f.read().splitlines()
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      lines = f.read().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f"prompt file {path} cannot be read ({type(e).__name__}: {e}); give a UTF-8 text file") from None
   base = os.path.dirname(os.path.abspath(path))
+  # An item without an id is named by its place among the non-blank lines, bad ones included,
+  # so fixing a bad line does not rename the items after it (a resumed job goes by ids).
   rows, problems = [], []
-  for n, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
+  for k, (n, line) in enumerate((n, line) for n, line in enumerate(lines, 1) if line.strip()):
     if path.endswith(".jsonl"):
       try:
         row = json.loads(line)
@@ -117,10 +124,10 @@ def read_prompts(path: str, cfg: ml_collections.ConfigDict, strict: bool = False
         continue
     else:
       row = {"prompt": line.strip()}
-    rows.append((n, row))
+    rows.append((n, k, row))
 
   candidates, seen = [], {}
-  for k, (n, row) in enumerate(rows):
+  for n, k, row in rows:
     try:
       item_id = writer.sanitize_id(str(row.get("id", f"{k:05d}")))
       if item_id in seen:
@@ -159,8 +166,8 @@ def parse_item(row: dict, item_id: str, cfg: ml_collections.ConfigDict, base: st
   if unknown:
     raise Problem(f"{name}: unknown field {unknown[0]!r}; fields are {', '.join(sorted(_KNOWN_FIELDS))}")
   seed = row.get("seed", item_seed(cfg.sample.seed, item_id))
-  if not isinstance(seed, int) or isinstance(seed, bool):
-    raise Problem(f"{name} has a non-integer seed {seed!r}")
+  if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+    raise Problem(f"{name} has seed {seed!r}; seeds are integers in [0, 2**31)")
   negative = row.get("negative_prompt", cfg.sample.negative_prompt)
   if not isinstance(negative, str):
     raise Problem(f'{name}: "negative_prompt" must be a string')
@@ -172,10 +179,12 @@ def parse_item(row: dict, item_id: str, cfg: ml_collections.ConfigDict, base: st
   if "frames" in row and mode not in ("text-to-video", "image-to-video"):
     raise Problem(f'{name}: "frames" is for text-to-video and image-to-video; {mode} sets the length itself')
   T = cfg.video.frames
+  if T < 2 and (mode in ("image-to-video", "extend") or row.get("frames", T) > T):
+    raise Problem(f"{name}: {mode} beyond one clip needs a model of clips of 2 frames or more (video.frames={T})")
   item = Item(item_id, row["prompt"], seed, negative, mode, frames=row.get("frames", T),
               inputs=tuple((k, row[k]) for k in ("image", "video", "extend", "frames", "mask", "strength") if k in row))
-  if not _positive_int(item.frames) or (mode == "image-to-video" and item.frames < 2):
-    raise Problem(f'{name}: "frames" must be an integer >= {2 if mode == "image-to-video" else 1}, '
+  if not _positive_int(item.frames) or (mode == "image-to-video" and item.frames < 2) or item.frames > MAX_FRAMES:
+    raise Problem(f'{name}: "frames" must be an integer in [{2 if mode == "image-to-video" else 1}, {MAX_FRAMES}], '
                   f"got {item.frames!r}")
   media = lambda key: _path(row[key], key, name, base)
   if mode == "image-to-video":
@@ -184,8 +193,8 @@ def parse_item(row: dict, item_id: str, cfg: ml_collections.ConfigDict, base: st
     return item
   item = dataclasses.replace(item, video=media("video"))
   if mode == "extend":
-    if not _positive_int(row["extend"]):
-      raise Problem(f'{name}: "extend" must be a positive number of frames, got {row["extend"]!r}')
+    if not _positive_int(row["extend"]) or row["extend"] > MAX_FRAMES:
+      raise Problem(f'{name}: "extend" must be a number of frames in [1, {MAX_FRAMES}], got {row["extend"]!r}')
     return dataclasses.replace(item, extend=row["extend"])      # frames = the clip's length + extend, once probed
   if mode == "restyle":
     s = row["strength"]
@@ -248,6 +257,9 @@ def _check_media(item: Item, cfg: ml_collections.ConfigDict) -> Item | Problem:
         raise Problem(f"{name}: {item.video} has {available} frames at video.fps={v.fps}; {item.mode} needs "
                       f"at least {max(item.given, 1)}")
       if item.mode == "extend":
+        if available + item.extend > MAX_FRAMES:
+          raise Problem(f"{name}: {item.video} has {available} frames at video.fps={v.fps}; with \"extend\": "
+                        f"{item.extend} the video would pass {MAX_FRAMES} frames")
         item = dataclasses.replace(item, given=available, frames=available + item.extend)
       if item.mask_image:
         _check_mask(item.mask_image, (meta.width, meta.height), (v.width, v.height), name)

@@ -48,6 +48,9 @@ from jaxvid.train import state as state_lib
 
 log = logging.getLogger("jaxvid")
 
+GALLERY_EVERY_S = 30.0     # index.html is rewritten at most this often while the job runs, and at the end
+_WRITTEN, _FAILED, _CRASHED = 1, 2, 3   # per-row status of a round
+
 
 def load_run_config(workdir: str, overrides: list[str]) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
@@ -81,16 +84,17 @@ def make_generate(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh, 
       keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(batch["seed"], batch["chunk"])
       noise = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(keys)
       x_known = ae.encode(ae_params, batch["known"])
-      known = ae.latent_mask(batch["mask"].astype(jnp.float32)) if with_mask else None
+      known_mask = ae.latent_mask(batch["mask"].astype(jnp.float32)) if with_mask else None
       strength = batch["strength"]
       x = flow_lib.interpolate(x_known, noise, strength)
       ts = flow.schedule(sampler.steps, strength)
 
       def velocity(x, t, text_emb, text_mask):
-        if known is None:
+        if known_mask is None:
           return model(x, t, text_emb, text_mask)
         twice = lambda a: jnp.concatenate([a] * (x.shape[0] // a.shape[0]), 0)   # [cond; uncond]
-        return model(conditioning.apply(x, twice(x_known), twice(known)), t, text_emb, text_mask, twice(known))
+        mask = twice(known_mask)
+        return model(conditioning.apply(x, twice(x_known), mask), t, text_emb, text_mask, mask)
 
       cond = model.encode_text(batch["tokens"])
       if guidance == 1.0:
@@ -98,8 +102,8 @@ def make_generate(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh, 
       else:
         fn = samplers.guided(velocity, cond, model.encode_text(batch["negative"]), guidance, interval)
       x = sampler.sample(fn, x, ts)
-      if known is not None:
-        x = conditioning.apply(x, x_known, known)
+      if known_mask is not None:
+        x = conditioning.apply(x, x_known, known_mask)
       return autoencoder.denormalize(ae.decode(ae_params, x))
 
   return generate
@@ -156,8 +160,9 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
   ae_params = autoencoder.make(cfg).load(mesh)
 
   folder = writer.OutputFolder(output)
-  done = folder.done_ids()
+  done = folder.done_entries()
   todo = [it for it in items if it.id not in done]
+  _warn_changed([it for it in items if it.id in done], done)
   distributed.check_same(hashlib.sha256("\n".join(it.id for it in todo).encode()).hexdigest(),
                          f"processes see different items to sample in {output}; give every process the same "
                          "--prompts file and an --output folder they all see")
@@ -189,7 +194,7 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
   works: dict[int, chunks_lib.Work] = {}     # this process's items in progress
   failed: set[int] = set()
   finished = failures = 0
-  start_time = time.time()
+  start_time = gallery_time = time.time()
   bar = tqdm.tqdm(total=len(todo), desc="sample", unit="video", dynamic_ncols=True,
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} videos "
                              "[{elapsed}<{remaining}{postfix}]", disable=jax.process_index() != 0)
@@ -203,21 +208,31 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
 
     batch = _batch(lanes_of_round, todo, tokenizer, row_inputs, shapes, batch_shardings)
     videos = generate(params, ae_params, batch)
-    status = _take(videos, lanes_of_round, todo, counts, works, failed,
-                   lambda i, frames: folder.write_files(todo[i].id, frames, v.fps, record(todo[i], counts[i])))
-    if jax.process_count() > 1:     # what every process wrote (and a barrier before the manifest)
-      from jax.experimental import multihost_utils
-      status = np.max(multihost_utils.process_allgather(status), axis=0)
-    written = [e[0] for j, e in enumerate(lanes_of_round) if status[j] == 1]
+    error = None
+    try:
+      status = _take(videos, lanes_of_round, todo, counts, works, failed,
+                     lambda i, frames: folder.write_files(todo[i].id, frames, v.fps, record(todo[i], counts[i])))
+    except Exception as e:   # noqa: BLE001 -- stop every process together, not this one alone
+      error, status = e, np.full(lanes, _CRASHED, np.int32)
+    status = distributed.max_over_processes(status)   # what every process wrote; a barrier
+    if error is not None:
+      raise error
+    if np.any(status == _CRASHED):
+      raise RuntimeError("another process of the job stopped with an error (its log says which)")
+    written = [e[0] for j, e in enumerate(lanes_of_round) if status[j] == _WRITTEN]
     if jax.process_index() == 0 and written:
       folder.add_to_manifest([(todo[i].id, record(todo[i], counts[i])) for i in written])
-      folder.write_gallery()
-    failures += int(np.sum(status == 2))
+      if time.time() - gallery_time > GALLERY_EVERY_S:
+        folder.write_gallery()
+        gallery_time = time.time()
+    failures += int(np.sum(status == _FAILED))
     finished += int(np.sum(status > 0))
     minutes = (time.time() - start_time) / 60
     bar.set_postfix_str(f"{finished / max(minutes, 1e-9):.1f} videos/min", refresh=False)
     bar.update(int(np.sum(status > 0)))
   bar.close()
+  if jax.process_index() == 0:
+    folder.write_gallery()
   minutes = (time.time() - start_time) / 60
   log.info("sampled %d videos in %.1f min (%.1f videos/min)%s; %d were already done; gallery: %s",
            finished - failures, minutes, (finished - failures) / max(minutes, 1e-9),
@@ -247,30 +262,45 @@ def _take(videos: jax.Array, lanes_of_round: list, todo: list[Item], counts: lis
           write) -> np.ndarray:
   """Adds each chunk this process holds to its item's Work; `write(i, frames)` each item whose
   last chunk this is, where this process holds the row's first replica. Returns int32 [lanes]:
-  1 where an item was written here, 2 where it failed here."""
+  _WRITTEN where an item was written here, _FAILED where it failed here."""
   status = np.zeros(len(lanes_of_round), np.int32)
   seen = set()
   for shard in videos.addressable_shards:
-    offset = shard.index[0].start or 0
-    for j, frames in enumerate(np.asarray(shard.data), offset):
-      if lanes_of_round[j] is None:
-        continue
+    start = shard.index[0].start or 0
+    rows = [j for j in range(start, start + shard.data.shape[0]) if lanes_of_round[j] is not None]
+    if all(j in seen for j in rows) and shard.replica_id != 0:
+      continue                  # another replica of rows already taken: no copy to the host
+    data = np.asarray(shard.data)
+    for j in rows:
       i, c = lanes_of_round[j]
-      if j not in seen:        # a row held by several devices (replicas) is taken once
+      if j not in seen:         # a row held by several devices (replicas) is taken once
         seen.add(j)
         if i not in failed:
-          works[i].add(c, frames)
+          works[i].add(c, data[j - start])
       if c + 1 == counts[i] and shard.replica_id == 0:   # the item's last chunk: written once
-        if i in failed:
-          status[j] = 2
-        else:
-          write(i, works[i].video)
-          status[j] = 1
+        if i not in failed:
+          try:
+            write(i, works[i].video)
+          except (OSError, ValueError) as e:
+            log.error("item %s: writing its video failed (%s: %s)", todo[i].id, type(e).__name__, e)
+            failed.add(i)
+        status[j] = _FAILED if i in failed else _WRITTEN
   for j in seen:
     i, c = lanes_of_round[j]
     if c + 1 == counts[i]:
       works.pop(i, None)
   return status
+
+
+def _warn_changed(done_items: list[Item], entries: dict) -> None:
+  """Warns about items kept from an earlier run whose prompt, seed, mode or inputs differ now."""
+  changed = [it.id for it in done_items
+             if (entries[it.id].get("prompt"), entries[it.id].get("seed"), entries[it.id].get("mode", it.mode),
+                 entries[it.id].get("inputs", dict(it.inputs))) != (it.prompt, it.seed, it.mode, dict(it.inputs))]
+  if changed:
+    log.warning("%d items in the manifest were made from another prompt, seed or inputs than the file gives now "
+                "(%s%s); they are kept: delete their manifest lines, or use a new --output, to make them again",
+                len(changed), ", ".join(changed[:5]), ", ..." if len(changed) > 5 else "")
 
 
 def _row_inputs(entry, todo: list[Item], works: dict, failed: set, cfg: ml_collections.ConfigDict):
@@ -286,10 +316,12 @@ def _row_inputs(entry, todo: list[Item], works: dict, failed: set, cfg: ml_colle
   work = works.setdefault(i, chunks_lib.Work(todo[i], cfg))
   try:
     return work.inputs(c)
-  except (video_files.BadFile, OSError) as e:
+  except video_files.BadFile as e:
     log.error("item %s: %s; not sampled", todo[i].id, e)
-    failed.add(i)
-    return idle
+  except Exception as e:  # noqa: BLE001 -- one item's media, not the job
+    log.error("item %s: its inputs failed (%s: %s); not sampled", todo[i].id, type(e).__name__, e)
+  failed.add(i)
+  return idle
 
 
 def _global(array: np.ndarray, sharding_) -> jax.Array:

@@ -27,6 +27,8 @@ import imageio.v2 as iio2
 import imageio.v3 as iio3
 import numpy as np
 
+from jaxvid.errors import UserError
+
 MANIFEST = "manifest.jsonl"
 GALLERY = "index.html"
 MAX_ID_LEN = 100
@@ -125,14 +127,35 @@ class OutputFolder:
   """
 
   def __init__(self, path: str | os.PathLike, title: str = "jaxvid samples"):
-    """Opens the folder at `path`, creating it (and its parents) if needed."""
+    """Opens the folder at `path`, creating it (and its parents) if needed.
+
+    A new folder gets an empty manifest.jsonl at once, which marks it as a
+    sample folder. A folder that holds other files and no manifest is refused
+    (UserError), so a job never writes over files it did not make.
+    """
     self.path = os.fspath(path)
     self.title = title
+    if os.path.exists(self.path) and not os.path.isdir(self.path):
+      raise UserError(f"--output {self.path} exists and is not a folder")
     os.makedirs(self.path, exist_ok=True)
+    manifest = os.path.join(self.path, MANIFEST)
+    if not os.path.exists(manifest):
+      others = [f for f in os.listdir(self.path) if not f.startswith(".")]
+      if others:
+        raise UserError(
+            f"--output {self.path} holds files ({others[0]}, ...) and no "
+            f"{MANIFEST}, so it is not a sample folder; choose a new or empty "
+            "folder")
+      with open(manifest, "ab"):
+        pass
 
   def done_ids(self) -> set[str]:
     """Returns the ids of the items in manifest.jsonl."""
-    return {entry["id"] for entry in self._manifest_entries()}
+    return set(self.done_entries())
+
+  def done_entries(self) -> dict[str, dict]:
+    """Returns {id: manifest entry} of the items in manifest.jsonl."""
+    return {entry["id"]: entry for entry in self._manifest_entries()}
 
   def write_item(self, item_id: str, frames: np.ndarray, fps: int,
                  record: dict) -> None:

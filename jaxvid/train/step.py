@@ -54,12 +54,13 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     # Each bucket is its own trace, so the time shift follows the bucket's token count.
     flow = flow_lib.Flow.from_config(cfg, math.prod(x0.shape[1:4]) // math.prod(patch))
     # Known parts of each clip (model.condition = "mask"): [B, T, H, W, 1], 1 = given clean.
-    known = None if masks is None else masks.sample(jax.random.fold_in(rng, 2), x0.shape[:4])
+    known_mask = None if masks is None else masks.sample(jax.random.fold_in(rng, 2), x0.shape[:4])
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
       text_emb, text_mask = model.encode_text(tokens)
-      return flow_lib.loss(lambda x, t: model(x, t, text_emb, text_mask, known), x0, rng_flow, flow, known)
+      return flow_lib.loss(lambda x, t: model(x, t, text_emb, text_mask, known_mask), x0, rng_flow, flow,
+                           known_mask)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -136,13 +136,24 @@ def test_hybrid_mesh_spans_processes_unless_devices_sit_in_several_slices(slices
     assert {getattr(d, granule) for d in grid[outer].ravel()} == {outer}
 
 
-def test_sampling_gives_the_same_videos_on_one_device_and_on_split_meshes(trained_run, tmp_path):
+def test_sampling_gives_the_same_videos_on_one_device_and_on_split_meshes(trained_run, tmp_path, monkeypatch):
   """Mesh invariance: one device with a batch of 1 vs 8 devices with batches of 8, split over
-  data, sequence (ring and Ulysses) and fsdp; items of one chunk and of several."""
+  data, sequence (ring and Ulysses) and fsdp; items of one chunk and of several. Rows that
+  several devices hold (sequence, fsdp) are written once."""
+  import collections
   import os
   import subprocess
   import sys
   from jaxvid import cli
+  from jaxvid.sample import writer
+  writes = collections.Counter()
+  write_files = writer.OutputFolder.write_files
+
+  def counting(self, item_id, *args):
+    writes[item_id] += 1
+    return write_files(self, item_id, *args)
+
+  monkeypatch.setattr(writer.OutputFolder, "write_files", counting)
   prompts = write_mixed_prompts(tmp_path)
   args = ["sample", "--workdir", str(trained_run), "--prompts", prompts]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}     # one CPU device
@@ -153,8 +164,10 @@ def test_sampling_gives_the_same_videos_on_one_device_and_on_split_meshes(traine
                             ["--config.mesh.data=4", "--config.mesh.sequence=2"],       # Ulysses
                             ["--config.mesh.data=1", "--config.mesh.fsdp=8"],
                             ["--config.mesh.data=8", "--config.sample.batch_size=8"])):
+    writes.clear()
     assert cli.main([*args, "--output", str(tmp_path / str(i)), *mesh]) == 0
     assert_same_videos(tmp_path / "one", tmp_path / str(i), mesh)
+    assert sorted(writes.values()) == [1, 1, 1, 1], (mesh, writes)
 
 
 def test_memory_per_device_shrinks_with_fsdp_and_sequence():

@@ -27,7 +27,7 @@ def _item(mode="text-to-video", frames=8, given=0, **kw):
     ("text-to-video", 24, 0, 4, 5), ("text-to-video", 24, 0, 6, 9),
     ("image-to-video", 8, 1, 4, 1), ("image-to-video", 9, 1, 4, 2),
     ("extend", 12, 8, 4, 1), ("extend", 13, 8, 4, 2), ("extend", 5, 2, 4, 1), ("extend", 9, 2, 4, 2),
-    ("inpaint", 8, 8, 4, 1), ("restyle", 8, 8, 4, 1),
+    ("inpaint", 8, 8, 4, 1), ("restyle", 8, 8, 4, 1), ("text-to-video", 9999, 0, 4, 2499),
 ])
 def test_chunk_count(mode, frames, given, context, count):
   assert chunks.chunk_count(_item(mode, frames, given), 8, context) == count

@@ -74,15 +74,19 @@ PROBLEMS = [
     ({"text": "no prompt"}, 'each line needs a "prompt" string'),
     ({"prompt": "a", "id": "x"}, None),
     ({"prompt": "a", "id": "x"}, "id 'x' is also on line 4; ids must be unique"),
-    ({"prompt": "a", "seed": "one"}, "non-integer seed"),
+    ({"prompt": "a", "seed": "one"}, r"has seed 'one'; seeds are integers in \[0, 2\*\*31\)"),
+    ({"prompt": "a", "seed": 2**31}, "has seed 2147483648; seeds are integers"),
+    ({"prompt": "a", "seed": -1}, "has seed -1; seeds are integers"),
     ({"prompt": "a", "colour": "red"}, "unknown field 'colour'"),
     ({"prompt": "a", "image": "still.png", "video": "clip.mp4"}, "do not make a mode"),
     ({"prompt": "a", "video": "clip.mp4"}, "do not make a mode"),
     ({"prompt": "a", "video": "clip.mp4", "strength": 1.5}, r'"strength" must be a number in \[0, 1\]'),
     ({"prompt": "a", "video": "clip.mp4", "strength": "high"}, '"strength" must be a number'),
-    ({"prompt": "a", "video": "clip.mp4", "extend": 0}, '"extend" must be a positive number'),
-    ({"prompt": "a", "frames": 0}, '"frames" must be an integer >= 1'),
-    ({"prompt": "a", "image": "still.png", "frames": 1}, '"frames" must be an integer >= 2'),
+    ({"prompt": "a", "video": "clip.mp4", "extend": 0}, r'"extend" must be a number of frames in \[1, 10000\]'),
+    ({"prompt": "a", "frames": 0}, r'"frames" must be an integer in \[1, 10000\]'),
+    ({"prompt": "a", "frames": 10**9}, r'"frames" must be an integer in \[1, 10000\]'),
+    ({"prompt": "a", "image": "still.png", "frames": 1}, r'"frames" must be an integer in \[2, 10000\]'),
+    ({"prompt": "a", "video": "clip.mp4", "extend": 9995}, "the video would pass 10000 frames"),
     ({"prompt": "a", "video": "clip.mp4", "strength": 0.5, "frames": 8}, '"frames" is for'),
     ({"prompt": "a", "video": "missing.mp4", "strength": 0.5}, "missing.mp4: file not found"),
     ({"prompt": "a", "video": "notes.txt", "strength": 0.5}, "notes.txt: not a readable video"),
@@ -129,6 +133,25 @@ def test_nothing_usable_and_missing_file(cfg, tmp_path):
     items_lib.read_prompts(_write(tmp_path / "e.jsonl", []), cfg)
   with pytest.raises(UserError, match="prompt file .*nope.jsonl not found"):
     items_lib.read_prompts(str(tmp_path / "nope.jsonl"), cfg)
+
+
+def test_default_ids_do_not_move_when_a_bad_line_is_fixed(cfg, tmp_path):
+  """Ids name items in a resumed job: an item without one is named by its place among the
+  non-blank lines, bad lines included."""
+  before = items_lib.read_prompts(_write(tmp_path / "a.jsonl", [{"prompt": "A"}, "{oops", {"prompt": "B"}]), cfg)
+  after = items_lib.read_prompts(_write(tmp_path / "b.jsonl", [{"prompt": "A"}, {"prompt": "C"}, {"prompt": "B"}]),
+                                 cfg)
+  assert [(it.id, it.prompt) for it in before] == [("00000", "A"), ("00002", "B")]
+  assert [(it.id, it.prompt) for it in after] == [("00000", "A"), ("00001", "C"), ("00002", "B")]
+  assert before[1].seed == after[2].seed
+
+
+def test_unreadable_prompt_file_and_prompt_without_safe_characters(cfg, tmp_path):
+  (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+  with pytest.raises(UserError, match="cannot be read .*UnicodeDecodeError.*give a UTF-8 text file"):
+    items_lib.read_prompts(str(tmp_path / "latin1.txt"), cfg)
+  [one] = items_lib.single_prompt("日本の猫", cfg)
+  assert one.id.startswith("prompt-") and writer.sanitize_id(one.id) == one.id
 
 
 def test_ids_are_sanitized_so_nothing_is_written_outside_the_folder(cfg, tmp_path):

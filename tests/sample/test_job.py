@@ -112,7 +112,7 @@ def inputs(tmp_path_factory):
   return root
 
 
-def test_sample_cli_modes_write_the_folder_and_resume(trained_run, inputs, tmp_path):
+def test_sample_cli_modes_write_the_folder_and_resume(trained_run, inputs, tmp_path, capsys):
   rows = [{"prompt": "a red circle moving left on a gray background", "id": "red", "seed": 3},
           {"prompt": "a <b>blue</b> square moving up", "id": "../../escape"},
           {"prompt": "a green diamond moving down", "negative_prompt": "red"},
@@ -152,9 +152,14 @@ def test_sample_cli_modes_write_the_folder_and_resume(trained_run, inputs, tmp_p
   assert "&lt;b&gt;blue&lt;/b&gt;" in page and "<b>blue" not in page and page.count("<figure") == 8
 
   mtimes = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f.endswith(".mp4")}
+  capsys.readouterr()
+  rows[0]["prompt"] = "a changed prompt"
+  prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
   assert _sample(trained_run, out, "--prompts", str(prompts)) == 0     # resume: nothing to do
   assert {f: os.stat(out / f).st_mtime_ns for f in mtimes} == mtimes
   assert len(open(out / "manifest.jsonl").read().splitlines()) == 8
+  assert "1 items in the manifest were made from another prompt, seed or inputs than the file gives now (red)" in (
+      capsys.readouterr().err)
 
 
 def test_single_prompt_and_txt_file(trained_run, tmp_path):

@@ -188,8 +188,19 @@ def test_write_item_rejects_bad_input(tmp_path):
     folder.write_item("a", frames, 8, {"prompt": "p", "id": "other"})
   with pytest.raises(ValueError):
     folder.write_item("a", frames[:, :31], 8, _record("p", 0))  # Odd width.
-  assert os.listdir(tmp_path) == []  # No temp files, no manifest.
-  assert folder.done_ids() == set()
+  assert os.listdir(tmp_path) == ["manifest.jsonl"]  # No temp files; the manifest is empty.
+  assert folder.done_ids() == set() and (tmp_path / "manifest.jsonl").read_bytes() == b""
+
+
+def test_a_folder_of_other_files_is_refused(tmp_path):
+  from jaxvid.errors import UserError
+  (tmp_path / "clip.mp4").write_bytes(b"mine")
+  with pytest.raises(UserError, match="holds files .clip.mp4, .... and no manifest.jsonl, so it is not a sample folder"):
+    writer.OutputFolder(tmp_path)
+  assert os.listdir(tmp_path) == ["clip.mp4"] and (tmp_path / "clip.mp4").read_bytes() == b"mine"
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(UserError, match="exists and is not a folder"):
+    writer.OutputFolder(tmp_path / "file")
 
 
 def test_files_are_readable_by_others(tmp_path):
