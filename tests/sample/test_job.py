@@ -183,7 +183,7 @@ def test_bad_lines_are_skipped_unless_strict(trained_run, tmp_path, capsys):
   assert not (tmp_path / "strict").exists()
   assert _sample(trained_run, tmp_path / "lenient", "--prompts", str(path)) == 0
   err = capsys.readouterr().err
-  assert f"{path}:2: not valid JSON" in err and f"{path}:3: item '00001': " in err and "file not found" in err
+  assert f"{path}:2: not valid JSON" in err and f"{path}:3: item '00002': " in err and "file not found" in err
   assert [f for f in os.listdir(tmp_path / "lenient") if f.endswith(".mp4")] == ["ok.mp4"]
 
 
