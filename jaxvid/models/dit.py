@@ -9,6 +9,9 @@
                             + cross-attention to the text + adaLN(GELU MLP)
   final adaLN + Linear --unpatchify--> velocity [B, T, H, W, C]
 
+With model.condition = "mask" the known mask is one more input channel, and tokens given whole
+(clean data) are modulated as at t = 0 while the others are modulated at t.
+
 Each block adds its own learned offsets [6, D] to the shared modulations (Wan's
 `scale_shift_table`); modulation, gates and the output layer start at zero (adaLN-zero), so
 the untrained network is the identity on its token stream. Parameter names follow the
@@ -67,10 +70,20 @@ class Block(nnx.Module):
     self.scale_shift_table = nnx.Param(jnp.zeros((6, d), param_dtype), out_sharding=(None, sh.EMBED))
 
   def __call__(self, x: jax.Array, e: jax.Array, angles: jax.Array, context: jax.Array,
-               context_mask: jax.Array) -> jax.Array:
-    """x [B, N, D] float32, e [B, 6, D], angles [N, K/2], context [B, L, D] -> [B, N, D]."""
-    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
-        e + self.scale_shift_table[None].astype(jnp.float32), 6, axis=1)   # each [B, 1, D]
+               context_mask: jax.Array, clean: jax.Array | None = None, e_clean: jax.Array | None = None
+               ) -> jax.Array:
+    """x [B, N, D] float32, e [B, 6, D], angles [N, K/2], context [B, L, D] -> [B, N, D].
+
+    clean [B, N, 1] (1: a token given clean) and e_clean [B, 6, D] (the modulations at t = 0):
+    clean tokens are modulated as at t = 0, the others by e.
+    """
+    e = e + self.scale_shift_table[None].astype(jnp.float32)
+    if clean is None:
+      mods = jnp.split(e, 6, axis=1)                                         # each [B, 1, D]
+    else:
+      e_clean = e_clean + self.scale_shift_table[None].astype(jnp.float32)
+      mods = [m + clean * (m0 - m) for m, m0 in zip(jnp.split(e, 6, axis=1), jnp.split(e_clean, 6, axis=1))]
+    shift1, scale1, gate1, shift2, scale2, gate2 = mods                      # each [B, 1 or N, D]
     h = self.norm1(x) * (1 + scale1) + shift1
     x = x + gate1 * self.attn1(h, angles=angles)
     x = x + self.attn2(self.norm2(x), context=context, kv_mask=context_mask)
@@ -122,10 +135,15 @@ class DiT(nnx.Module):
     (conditioning.apply); None means nothing is known.
     """
     b, frames, height, width, _ = x.shape
+    clean = None
     if self.condition == "mask":
       known_mask = (jnp.zeros(x.shape[:-1] + (1,), x.dtype) if known_mask is None
                     else known_mask.astype(x.dtype))
       x = jnp.concatenate([x, known_mask], axis=-1)
+      # Tokens given whole are clean data: they are modulated as at t = 0 (as in diffusion forcing).
+      clean = patchify(known_mask, self.patch).min(axis=-1, keepdims=True).astype(jnp.float32)   # [B, N, 1]
+      clean = sh.constrain(clean, (sh.BATCH, sh.LENGTH, None))
+      t = jnp.concatenate([t, jnp.zeros_like(t)])                             # [2B]: at t, and at 0
     grid = (frames // self.patch[0], height // self.patch[1], width // self.patch[2])
     tokens = self.patch_embedding(patchify(x, self.patch)).astype(jnp.float32)     # [B, N, D]
     if self.pos_embed == "sincos":
@@ -133,21 +151,28 @@ class DiT(nnx.Module):
     tokens = sh.constrain(tokens, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     context = self.text_embedding_2(jax.nn.gelu(self.text_embedding_1(text_emb), approximate=True))
     temb = self.time_embedding_2(jax.nn.silu(self.time_embedding_1(layers.timestep_features(t, self.freq_dim))))
-    e = self.time_projection(jax.nn.silu(temb)).astype(jnp.float32).reshape(b, 6, -1)   # [B, 6, D]
+    e = self.time_projection(jax.nn.silu(temb)).astype(jnp.float32).reshape(t.shape[0], 6, -1)   # [B (2B), 6, D]
+    temb = temb.astype(jnp.float32)
+    e_clean = temb_clean = None
+    if clean is not None:
+      (e, e_clean), (temb, temb_clean) = jnp.split(e, 2), jnp.split(temb, 2)
     angles = rope.rope_angles(grid, tokens.shape[-1] // self.heads, self.rope_theta)   # [N, K/2]
 
     graphdef, stacked = nnx.split(self.blocks)
 
     def body(h, block_state):
       block = nnx.merge(graphdef, block_state)
-      return block(h, e, angles, context, text_mask), None
+      return block(h, e, angles, context, text_mask, clean, e_clean), None
 
     if self.remat != "none":
       body = jax.checkpoint(body, policy=REMAT[self.remat], prevent_cse=False)
     tokens, _ = jax.lax.scan(body, tokens, stacked)
 
-    shift, scale = jnp.split(self.scale_shift_table[None].astype(jnp.float32)
-                             + temb.astype(jnp.float32)[:, None], 2, axis=1)    # [B, 1, D] each
+    table = self.scale_shift_table[None].astype(jnp.float32)
+    shift, scale = jnp.split(table + temb[:, None], 2, axis=1)                   # [B, 1, D] each
+    if clean is not None:
+      shift_clean, scale_clean = jnp.split(table + temb_clean[:, None], 2, axis=1)
+      shift, scale = shift + clean * (shift_clean - shift), scale + clean * (scale_clean - scale)   # [B, N, D]
     out = self.proj_out(self.norm_out(tokens) * (1 + scale) + shift)
     return unpatchify(out.astype(jnp.float32), grid, self.patch)
 

@@ -94,12 +94,17 @@ def test_dit_takes_the_mask_as_an_input_channel(small_config):
   pt, ph, pw = cfg.model.patch
   assert count(cfg) - count(plain) == pt * ph * pw * cfg.model.width    # one more input channel
   model = dit.build(cfg)
-  kernel = model.proj_out.kernel                      # zero at init (adaLN-zero): make it not
-  kernel.value = jax.random.normal(jax.random.key(1), kernel.value.shape)
+  for layer in (model.proj_out, model.time_projection):   # zero at init (adaLN-zero): make them not
+    layer.kernel.value = jax.random.normal(jax.random.key(1), layer.kernel.value.shape)
   x = jax.random.normal(jax.random.key(0), (2, 4, 16, 16, 3))
   emb, mask = model.encode_text(jnp.ones((2, 8), jnp.int32))
   t = jnp.array([0.5, 0.5])
   known = jnp.zeros((2, 4, 16, 16, 1)).at[:, 0].set(1.0)
   v0, v1 = model(x, t, emb, mask), model(x, t, emb, mask, known)
   assert v0.shape == x.shape and float(jnp.abs(v1 - v0).max()) > 1e-3
+  # Tokens given whole are modulated as at t = 0: with every token known, t does not matter.
+  everything = jnp.ones_like(known)
+  np.testing.assert_allclose(model(x, t, emb, mask, everything), model(x, jnp.zeros(2), emb, mask, everything),
+                             rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(model(x, t, emb, mask) - model(x, jnp.zeros(2), emb, mask)).max()) > 1e-3
   np.testing.assert_array_equal(v0, model(x, t, emb, mask, jnp.zeros_like(known)))   # None = nothing known
