@@ -166,6 +166,17 @@ def test_resume_and_truncated_manifest(tmp_path):
   assert page.index("first") < page.index("second")
 
 
+def test_temp_files_left_by_a_killed_job_are_removed(tmp_path):
+  folder = writer.OutputFolder(tmp_path)
+  (tmp_path / ".b.tmp-0123456789ab.mp4").write_bytes(b"half a video")
+  (tmp_path / ".b.tmp-0123456789ab.json").write_bytes(b"{")
+  (tmp_path / ".bb.tmp-0123456789ab.mp4").write_bytes(b"another item's")
+  folder.write_item("b", _pattern(2, 32, 32), 8, _record("b", 0))
+  assert sorted(f.name for f in tmp_path.iterdir() if ".tmp-" in f.name) == [
+      ".bb.tmp-0123456789ab.mp4"]   # Only b's own; bb's writer owns its own.
+  assert writer.read_mp4(tmp_path / "b.mp4").shape[0] == 2
+
+
 def test_rewritten_item_listed_once(tmp_path):
   folder = writer.OutputFolder(tmp_path)
   folder.write_item("a", _pattern(2, 32, 32), 8, _record("old", 0))
