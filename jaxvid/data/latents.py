@@ -285,9 +285,10 @@ def _open_batches(cfg, batch_shards, process_index, process_count):
       raise UserError(f"{store} has bucket {b['name']}, which data.buckets does not list; "
                       "train with the config the store was encoded with")
     buckets.append(bucket_lib.Bucket(*shape, configured[shape]))
-  if any(b["latent_shape"][-1] != cfg.video.channels for b in meta["buckets"]):
-    raise UserError(f"{store} has {meta['buckets'][0]['latent_shape'][-1]} latent channels, the model "
-                    f"video.channels={cfg.video.channels}; set --config.video.channels to match")
+  channels = config_lib.latent_shape(cfg)[3]
+  if any(b["latent_shape"][-1] != channels for b in meta["buckets"]):
+    raise UserError(f"{store} has {meta['buckets'][0]['latent_shape'][-1]} latent channels, the model {channels} "
+                    "(video.channels, or autoencoder.latent_channels with a VAE); re-encode or set it to match")
   samples = read_index(store)
   if not samples:
     raise UserError(f"{store} has no encoded samples; run jaxvid encode first")

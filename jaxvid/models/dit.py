@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
+from jaxvid import config as config_lib
 from jaxvid.models import attention, layers, rope, text
 from jaxvid.parallel import sharding as sh
 
@@ -88,7 +89,7 @@ class DiT(nnx.Module):
     self.remat, self.pos_embed = m.remat, m.pos_embed
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    patch_dim = self.patch[0] * self.patch[1] * self.patch[2] * cfg.video.channels
+    patch_dim = self.patch[0] * self.patch[1] * self.patch[2] * config_lib.latent_shape(cfg)[3]   # latent channels
 
     self.text_encoder = text.make_encoder(cfg, dtype, param_dtype, rngs)
     self.patch_embedding = layers.dense(patch_dim, d, (None, sh.EMBED), **kw)
