@@ -137,7 +137,7 @@ def base_config() -> ConfigDict:
   c.vae = ConfigDict(dict(
       channels=64, channel_mult=(1, 2, 2), blocks=1, latent_channels=16, temporal_compression=4,
       spatial_compression=8, patch=4, norm="rms", groups=8, dtype="float32", param_dtype="float32",
-      l1=1.0, mse=0.0, kl=1e-6, ssim=0.0, adversarial=0.0, adversarial_start=0,
+      l1=0.0, mse=1.0, kl=1e-6, ssim=0.0, adversarial=0.0, adversarial_start=0,
       eval_every=0, eval_clips=32, eval_manifest="", stats_clips=64))
 
   # Multi-host (see parallel/distributed.py); the environment can supply all of it.

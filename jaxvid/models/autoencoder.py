@@ -20,6 +20,7 @@ and spatial tiles of `autoencoder.{chunk,tile,tile_overlap}` (models/vae_tiling.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -134,6 +135,13 @@ class VAE:
     plan = vae_tiling.Plan(tc=v.temporal_compression, sc=v.spatial_compression, chunk=a.chunk, tile=a.tile,
                            overlap=a.tile_overlap)
     return cls(a.checkpoint, run_config, plan, nnx.graphdef(model.encoder), nnx.graphdef(model.decoder))
+
+  def identity(self) -> str:
+    """What fixes the latents: the architecture, and the step and values of the latent
+    statistics (written for one step's parameters). A latent cache records it."""
+    path = os.path.join(self.checkpoint, LATENT_STATS)
+    stats = open(path).read() if os.path.isfile(path) else ""
+    return f"vae {config_lib.model_hash(self.run_config)} {hashlib.sha256(stats.encode()).hexdigest()[:12]}"
 
   def load(self, mesh: Mesh | None = None) -> dict:
     """The EMA parameters of the checkpoint's latest step (or the export) and their latent

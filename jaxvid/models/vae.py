@@ -35,6 +35,8 @@ import ml_collections
 
 from jaxvid.parallel import sharding as sh
 
+LOGVAR_INIT = -6.0   # the posterior's initial log-variance (standard deviation 0.05)
+
 # A cache is a nested list of arrays (and None where a layer keeps none), mirroring the modules.
 Cache = list | None
 
@@ -306,8 +308,13 @@ class VAE(nnx.Module):
     self.encoder = Encoder(vae_cfg)
     self.decoder = Decoder(vae_cfg)
     self.discriminator = Discriminator(vae_cfg.channels, **_kwargs(vae_cfg)) if vae_cfg.adversarial > 0 else None
-    self.latent_channels = vae_cfg.latent_channels
+    self.latent_channels = z = vae_cfg.latent_channels
     init_kernels(self, rngs.params())
+    # Start with a narrow posterior (the decoder sees the means from the first step; with a small KL
+    # weight unit variance would take thousands of Adam steps to shrink) and a zero (gray) output.
+    self.encoder.conv_out.kernel[..., z:] = 0.0
+    self.encoder.conv_out.bias[z:] = LOGVAR_INIT
+    self.decoder.conv_out.kernel[...] = 0.0
 
   def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """video [B, T, H, W, 3] in [-1, 1] -> (mean, log-variance), each [B, T', H', W', Z]."""

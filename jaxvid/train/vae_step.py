@@ -31,8 +31,8 @@ from jaxvid.train.state import TrainState
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-  l1: float = 1.0
-  mse: float = 0.0
+  l1: float = 0.0
+  mse: float = 1.0
   kl: float = 1e-6
   ssim: float = 0.0
   adversarial: float = 0.0

@@ -221,3 +221,38 @@ def test_autoencoder_checkpoint_errors_name_the_fix(trained_vae, tmp_path):
     config.validate(config.load(f"{TINY}:latent", ["--config.autoencoder.checkpoint="]), 8)
   with pytest.raises(UserError, match=r"takes 1 \+ 4k frames"):
     config.validate(_ae_config(trained_vae, "--config.video.frames=8"), 8)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["--config.video.frames=8"], r"takes 1 \+ 4k frames and sides divisible by 8, not 8x32x32"),
+    (["--config.video.height=36"], "sides divisible by 8"),
+    (["--config.vae.channel_mult=(1,2)"], r"needs 3 positive entries"),
+    (["--config.vae.temporal_compression=3"], "must be powers of two"),
+    (["--config.vae.temporal_compression=16"], "temporal <= spatial"),
+    (["--config.vae.patch=16"], "vae.patch=16 must be a power of two, at most"),
+    (["--config.vae.norm=batch"], "vae.norm='batch' must be one of"),
+    (["--config.vae.norm=group", "--config.vae.groups=3"], "vae.groups=3 must divide"),
+    (["--config.vae.l1=0", "--config.vae.mse=0"], "vae.l1 \\+ vae.mse > 0"),
+    (["--config.data.source=latents", "--config.data.store=x"], "a VAE trains on pixels"),
+    (["--config.autoencoder.name=vae", "--config.autoencoder.checkpoint=x"], "set --config.autoencoder.name=identity"),
+    (["--config.data.source=files", "--config.data.manifest=m.jsonl", "--config.data.buckets=((8,32,32),)"],
+     r"data.buckets entry \(8, 32, 32\): a causal VAE"),
+])
+def test_vae_config_errors_name_the_key(overrides, words):
+  with pytest.raises(UserError, match=words):
+    config.validate(_cfg(*overrides), 8, train=True)
+
+
+def test_latent_model_config_errors_name_the_key():
+  latent = lambda *o: config.load(f"{TINY}:latent", list(o))
+  config.validate(latent(), 8, train=True)
+  with pytest.raises(UserError, match=r"video.height=48 \(6 latent height\) is not divisible by its patch size 4"):
+    config.validate(latent("--config.video.height=48", "--config.model.patch=(1,4,4)"), 8)
+  with pytest.raises(UserError, match="autoencoder.tile_overlap in"):
+    config.validate(latent("--config.autoencoder.tile=2", "--config.autoencoder.tile_overlap=2"), 8)
+  with pytest.raises(UserError, match="encodes RGB video"):
+    config.validate(latent("--config.video.channels=4"), 8)
+  cfg = latent()
+  assert config.latent_shape(cfg) == (3, 4, 4, 16) and config.num_tokens(cfg) == 48
+  assert config.model_hash(cfg) != config.model_hash(config.load(TINY, ["--config.video.frames=9",
+                                                                        "--config.model.patch=(1,1,1)"]))

@@ -158,3 +158,37 @@ def test_jaxvid_sample_decodes_through_the_vae(latent_dit, tmp_path):
   from jaxvid.sample import writer
   (mp4,) = [f for f in os.listdir(out) if f.endswith(".mp4")]
   assert writer.read_mp4(str(out / mp4)).shape == (5, 32, 32, 3)
+
+
+def test_latent_cache_through_the_vae(trained_vae, tmp_path):
+  """`jaxvid encode` writes the VAE's normalized latents; the DiT trains from the store, and a
+  store of another VAE (other latent statistics) is refused."""
+  import imageio.v3 as iio
+  from jaxvid.data import latents, synthetic
+  rows = []
+  for i in range(4):
+    frames = synthetic.render(synthetic.make_scene(0, i), 8, 32, 32)
+    iio.imwrite(tmp_path / f"clip{i}.mp4", frames, fps=8, codec="libx264", macro_block_size=1)
+    rows.append(json.dumps({"path": f"clip{i}.mp4", "caption": synthetic.make_scene(0, i).caption}))
+  (tmp_path / "clips.jsonl").write_text("\n".join(rows) + "\n")
+  common = [*LATENT_SMALL, f"--config.autoencoder.checkpoint={trained_vae}", "--config.train.batch_size=8",
+            "--config.data.buckets=((5,32,32,8),)"]
+  store = tmp_path / "store"
+  assert cli.main(["encode", "--config", f"{TINY}:latent", *common, "--manifest", str(tmp_path / "clips.jsonl"),
+                   "--output", str(store)]) == 0
+  meta = latents.read_meta(str(store))
+  assert meta["autoencoder"] == "vae" and meta["buckets"][0]["latent_shape"] == [2, 4, 4, 4]
+  workdir = tmp_path / "run"
+  assert cli.main(["train", "--config", f"{TINY}:latent", "--workdir", str(workdir), *common,
+                   "--config.data.source=latents", f"--config.data.store={store}", "--config.train.steps=1"]) == 0
+  assert np.isfinite(_metrics(workdir)[-1]["loss"])
+  # Other latent statistics: another VAE as far as the store is concerned.
+  stats = json.load(open(trained_vae / autoencoder.LATENT_STATS))
+  other = tmp_path / "other_vae"
+  import shutil
+  shutil.copytree(trained_vae, other)
+  autoencoder.write_latent_stats(str(other), stats["step"], 1, np.zeros(4), np.ones(4))
+  cfg = config.load(f"{TINY}:latent", common + [f"--config.autoencoder.checkpoint={other}",
+                                                 "--config.data.source=latents", f"--config.data.store={store}"])
+  with pytest.raises(Exception, match="holds latents of another vae"):
+    pipeline.make_source(cfg, 0, 1, 8)
