@@ -132,8 +132,8 @@ def base_config() -> ConfigDict:
   # `blocks` residual blocks per stage, `norm` "rms" (per position) or "group" (per frame, `groups` groups).
   # Loss: l1 |x - x'| + mse (x - x')^2 + kl KL (means over elements) + ssim (1 - SSIM) + adversarial
   # (hinge GAN with a 3D patch discriminator, from step adversarial_start). Held-out PSNR/SSIM on
-  # eval_clips clips (synthetic: unseen combinations; files: of eval_manifest) every eval_every steps
-  # (0: at the end only); per-channel latent statistics over stats_clips training clips.
+  # eval_clips clips (synthetic: unseen combinations; files: of eval_manifest; 0: none) every eval_every
+  # steps (0: at the end only); per-channel latent statistics over stats_clips training clips.
   c.vae = ConfigDict(dict(
       channels=64, channel_mult=(1, 2, 2), blocks=1, latent_channels=16, temporal_compression=4,
       spatial_compression=8, patch=4, norm="rms", groups=8, dtype="float32", param_dtype="float32",
@@ -430,8 +430,8 @@ def validate_autoencoder(cfg: ConfigDict) -> None:
         raise UserError(f"vae.{key}={v[key]!r} must be one of {DTYPES}")
     if min(v.l1, v.mse, v.kl, v.ssim, v.adversarial) < 0 or v.l1 + v.mse <= 0:
       raise UserError("vae.l1, vae.mse, vae.kl, vae.ssim and vae.adversarial must be >= 0, with vae.l1 + vae.mse > 0")
-    if v.eval_every < 0 or v.eval_clips < 1 or v.stats_clips < 1:
-      raise UserError("vae.eval_every must be >= 0, vae.eval_clips and vae.stats_clips >= 1")
+    if v.eval_every < 0 or v.eval_clips < 0 or v.stats_clips < 1:
+      raise UserError("vae.eval_every and vae.eval_clips must be >= 0, vae.stats_clips >= 1")
     if cfg.video.channels != 3:
       raise UserError(f"a VAE trains on RGB video: set --config.video.channels=3 (it is {cfg.video.channels})")
   elif a.name == "vae" and cfg.video.channels != 3:

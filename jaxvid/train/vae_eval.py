@@ -37,6 +37,8 @@ log = logging.getLogger("jaxvid")
 def heldout_clips(cfg: ml_collections.ConfigDict) -> np.ndarray | None:
   """uint8 [N, T, H, W, 3] held-out clips of the video.* shape, or None if there is no held-out set."""
   v, n = cfg.video, cfg.vae.eval_clips
+  if n == 0:
+    return None
   if cfg.vae.eval_manifest:
     bucket = bucket_lib.Bucket(v.frames, v.height, v.width, 1)
     clips, _ = video_files.load_clips(cfg.vae.eval_manifest, [bucket], cfg.data.fps, cfg.data.stride,
@@ -98,7 +100,8 @@ def make_evaluator(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh:
                    rules: sharding.Rules) -> Evaluator | None:
   clips = heldout_clips(cfg)
   if clips is None:
-    log.info("no held-out set (data.source=%s, no vae.eval_manifest): no eval/psnr, eval/ssim", cfg.data.source)
+    log.info("no held-out set (data.source=%s, vae.eval_clips=%d, vae.eval_manifest=%r): no eval/psnr, eval/ssim",
+             cfg.data.source, cfg.vae.eval_clips, cfg.vae.eval_manifest)
     return None
   return Evaluator(cfg, graphdef, mesh, rules, clips)
 

@@ -22,9 +22,13 @@ def _cfg(*overrides):
 
 
 def _model(*overrides, seed=0):
-  """A VAE with random parameters, initialized in one compiled program (not op by op)."""
+  """A VAE with random parameters, initialized in one compiled program (not op by op); its
+  zero-initialized output layer made random too, so that every path reaches the output."""
   cfg = _cfg(*overrides)
-  return nnx.jit(lambda: vae.build(cfg, seed))()
+  model = nnx.jit(lambda: vae.build(cfg, seed))()
+  kernel = model.decoder.conv_out.kernel
+  kernel[...] = 0.1 * jax.random.normal(jax.random.key(seed + 1), kernel.shape)
+  return model
 
 
 def _jit(model):

@@ -39,7 +39,7 @@ def test_vae_run_writes_the_usual_metrics_and_held_out_psnr_ssim(trained_vae):
 
 
 def test_vae_resume_matches_an_uninterrupted_run(tmp_path):
-  common = ("--config.checkpoint.every=2", "--config.train.log_every=1", "--config.vae.eval_every=0",
+  common = ("--config.checkpoint.every=2", "--config.train.log_every=1", "--config.vae.eval_clips=0",
             "--config.vae.stats_clips=8")
   assert train_vae_small(tmp_path / "once", "--config.train.steps=4", *common) == 0
   assert train_vae_small(tmp_path / "twice", "--config.train.steps=2", *common) == 0
