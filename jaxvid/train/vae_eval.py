@@ -14,6 +14,7 @@ into exports, and used by `autoencoder.name=vae` to normalize latents for the di
 """
 
 import logging
+import math
 
 from flax import nnx
 import jax
@@ -27,6 +28,7 @@ from jaxvid.data import pipeline
 from jaxvid.data import synthetic
 from jaxvid.data import video_files
 from jaxvid.models import autoencoder
+from jaxvid.models import vae as vae_lib
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
 from jaxvid.train import video_quality
@@ -76,24 +78,29 @@ class Evaluator:
     self.count = len(clips)
     self.clips = np.concatenate([clips, np.repeat(clips[-1:], pad, 0)]) if pad else clips
     self.sharding = mesh_lib.batch_sharding(mesh, rules, 5)
+    self.valid_sharding = mesh_lib.batch_sharding(mesh, rules, 1)
+    self.valid = (np.arange(len(self.clips)) < self.count).astype(np.float32)
 
-    def scores(params, video):
+    def scores(params, video, valid):   # sums over the batch: replicated, readable on every process
       with sharding.activation_rules(mesh, rules):
         recon = reconstruct(nnx.merge(graphdef, params), video)
-        return video_quality.psnr(recon, video, 255.0), video_quality.ssim(recon / 255.0, video / 255.0)
+        psnr = video_quality.psnr(recon, video, 255.0)
+        ssim = video_quality.ssim(recon / 255.0, video / 255.0)
+        return jnp.sum(psnr * valid), jnp.sum(ssim * valid)
 
-    self._scores = jax.jit(scores)
+    self._scores = jax.jit(scores, out_shardings=mesh_lib.replicated(mesh))
 
   def __call__(self, state) -> dict:
-    psnr, ssim = [], []
+    psnr = ssim = 0.0
     for start in range(0, len(self.clips), self.batch):
-      video = jax.make_array_from_callback(
-          (self.batch, *self.clips.shape[1:]), self.sharding, lambda idx, s=start: self.clips[s:s + self.batch][idx])
-      p, s = jax.device_get(self._scores(state.ema, video))
-      psnr.append(p)
-      ssim.append(s)
-    psnr, ssim = np.concatenate(psnr)[:self.count], np.concatenate(ssim)[:self.count]
-    return {"eval/psnr": float(np.mean(psnr)), "eval/ssim": float(np.mean(ssim))}
+      part = slice(start, start + self.batch)
+      video = jax.make_array_from_callback(self.clips[part].shape, self.sharding,
+                                           lambda idx, part=part: self.clips[part][idx])
+      valid = jax.make_array_from_callback(self.valid[part].shape, self.valid_sharding,
+                                           lambda idx, part=part: self.valid[part][idx])
+      p, s = jax.device_get(self._scores(state.ema, video, valid))
+      psnr, ssim = psnr + float(p), ssim + float(s)
+    return {"eval/psnr": psnr / self.count, "eval/ssim": ssim / self.count}
 
 
 def make_evaluator(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
@@ -113,19 +120,21 @@ def latent_statistics(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, pa
   source = pipeline.make_source(cfg, jax.process_index(), jax.process_count(),
                                 mesh.shape["data"] * mesh.shape["fsdp"])
 
-  @jax.jit
+  @jax.jit   # sums over the batch: replicated, readable on every process
   def moments(params, video):
     with sharding.activation_rules(mesh, rules):
       mean, _ = nnx.merge(graphdef, params).encode(autoencoder.normalize(video))
     flat = mean.reshape(-1, mean.shape[-1])
-    return jnp.sum(flat, 0), jnp.sum(jnp.square(flat), 0), flat.shape[0]
+    return jax.lax.with_sharding_constraint((jnp.sum(flat, 0), jnp.sum(jnp.square(flat), 0)),
+                                            mesh_lib.replicated(mesh))
 
   total, total_sq, count, clips, j = 0.0, 0.0, 0, 0, 0
   while clips < cfg.vae.stats_clips:
     local = np.asarray(source.batches[j]["video"])
     video = jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, rules, 5), local)
-    s, sq, n = jax.device_get(moments(params, video))
-    total, total_sq, count = total + s.astype(np.float64), total_sq + sq.astype(np.float64), count + int(n)
+    s, sq = jax.device_get(moments(params, video))
+    total, total_sq = total + s.astype(np.float64), total_sq + sq.astype(np.float64)
+    count += video.shape[0] * math.prod(vae_lib.latent_shape(cfg.vae, *video.shape[1:4])[:3])   # latent positions
     clips, j = clips + video.shape[0], j + 1
   mean = total / count
   std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
