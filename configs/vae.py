@@ -5,8 +5,9 @@
 
 Temporal compression 4 and spatial 8 (clips of 1 + 4k frames, sides divisible by 8), 16 latent
 channels, 4x4 pixel patches folded into channels first, RMS norms, an MSE reconstruction loss
-(on a fixed batch it reached 26 dB in 300 steps where L1 reached 15) plus a small KL. Variant sizes are a table, not copied
-files; everything else comes from `base_config()` (the vae.* keys there list every option).
+(on a fixed batch it reached 26 dB in 300 steps where L1 reached 15) plus a small KL. Variant
+sizes are a table, not copied files; everything else comes from `base_config()` (the vae.* keys
+there list every option).
 `S` trains on the built-in synthetic clips at 9 x 32 x 32 (as `configs/tiny.py:latent` uses them;
 being causal and convolutional it takes any 1 + 4k frames and any size) and reports held-out
 PSNR/SSIM every 250 steps; the latent statistics the diffusion model needs are written when

@@ -521,7 +521,8 @@ def _model_keys(cfg: ConfigDict) -> dict:
   keys.update({f"text.{k}": v for k, v in cfg.text.items() if k != "drop_rate"})
   keys["video.channels"] = cfg.video.channels
   if cfg.autoencoder.name != "identity":   # the model's input is the autoencoder's latents
-    keys.update({"autoencoder.name": cfg.autoencoder.name, "autoencoder.latent_channels": cfg.autoencoder.latent_channels})
+    keys.update({"autoencoder.name": cfg.autoencoder.name,
+                 "autoencoder.latent_channels": cfg.autoencoder.latent_channels})
   return keys
 
 

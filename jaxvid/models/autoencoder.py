@@ -99,7 +99,8 @@ def read_latent_stats(directory: str, step: int) -> tuple[np.ndarray, np.ndarray
   if stats is None or stats.get("step") != step:
     found = f"it has them for step {stats['step']}" if stats else f"no {LATENT_STATS}"
     raise UserError(f"{directory}: no latent statistics for its step {step} ({found}); write them with "
-                    f"jaxvid export --workdir {directory} --output EXPORT, then set --config.autoencoder.checkpoint=EXPORT")
+                    f"jaxvid export --workdir {directory} --output EXPORT, then set "
+                    "--config.autoencoder.checkpoint=EXPORT")
   return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
 
 
