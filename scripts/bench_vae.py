@@ -3,8 +3,9 @@ report held-out PSNR/SSIM and encode/decode throughput in frames per second.
 
   python scripts/bench_vae.py --workdir runs/vae_bench --minutes 30 [--config configs/vae.py:S] [--config.KEY=VALUE ...]
 
-Step 1 runs the real CLI (`jaxvid train`; rerunning resumes): training stops at `--steps` or
-after `--minutes`, whichever comes first (at the deadline the script sends SIGTERM; the trainer
+Step 1 runs the real CLI (`jaxvid train`; rerunning resumes): training stops at `--steps`
+(default the config's train.steps, 4,000 for S: about 30 minutes on the 2-core CPU) or after
+`--minutes`, whichever comes first (at the deadline the script sends SIGTERM; the trainer
 saves a checkpoint and the latent statistics, and exits 0). Step 2 loads the run through the
 autoencoder interface (`autoencoder.name=vae`, EMA parameters) and measures, on `--clips`
 held-out clips (combinations of color, shape, direction and background that training never
@@ -84,7 +85,9 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", default="runs/vae_bench")
   p.add_argument("--config", default="configs/vae.py:S")
-  p.add_argument("--steps", type=int, default=100_000, help="train.steps (the run stops earlier at --minutes)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="train.steps (default: the config's; the learning rate decays over them; the run stops "
+                      "earlier at --minutes)")
   p.add_argument("--minutes", type=float, default=30.0, help="training time limit of this invocation")
   p.add_argument("--clips", type=int, default=64, help="held-out clips for PSNR/SSIM")
   p.add_argument("--reps", type=int, default=5)
@@ -96,8 +99,9 @@ def main() -> None:
   os.makedirs(args.workdir, exist_ok=True)
 
   t0 = time.time()
+  steps = [f"--config.train.steps={args.steps}"] if args.steps else []
   train = subprocess.Popen([sys.executable, "-m", "jaxvid", "train", "--config", args.config, "--workdir",
-                            args.workdir, f"--config.train.steps={args.steps}", *args.overrides])
+                            args.workdir, *steps, *args.overrides])
   try:
     train.wait(timeout=args.minutes * 60)
   except subprocess.TimeoutExpired:
