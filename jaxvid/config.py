@@ -25,7 +25,9 @@ POS_EMBEDS = ("sincos", "none")
 TEXT_ENCODERS = ("bytes", "words")
 DATA_SOURCES = ("synthetic", "files", "latents")
 CROPS = ("random", "center")
-AUTOENCODERS = ("identity",)
+AUTOENCODERS = ("identity", "vae")
+MODELS = ("dit", "vae")              # model.name: the diffusion transformer, or the video autoencoder
+VAE_NORMS = ("rms", "group")
 LATENT_DTYPES = ("float16", "bfloat16", "float32")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 CONTEXT_PARALLEL = ("ulysses", "ring")
@@ -125,8 +127,28 @@ def base_config() -> ConfigDict:
 
   # The autoencoder between pixels and the model's latent space ("identity": pixels, scaled to [-1, 1]).
   c.autoencoder = ConfigDict(dict(name="identity"))
+  # autoencoder.name="vae": a causal video VAE trained by jaxvid (configs/vae.py). `checkpoint` is its run
+  # directory or export; the latent geometry below is what this model sees and must match it (checked on
+  # load). Encode and decode run in temporal chunks of `chunk` latent frames (0: whole clips), and in
+  # spatial tiles of `tile` latent cells overlapping by `tile_overlap` (0: whole frames).
+  c.autoencoder.update(checkpoint="", latent_channels=16, temporal_compression=4, spatial_compression=8,
+                       chunk=4, tile=0, tile_overlap=2)
   # `jaxvid encode`: clips per device batch, and the dtype latents are stored in.
   c.encode = ConfigDict(dict(batch_size=8, dtype="float16"))
+
+  # A causal 3D convolutional VAE (models/vae.py), trained with model.name="vae" (configs/vae.py).
+  # Architecture: p x p pixel patches folded into channels (p = `patch`), then stages of widths
+  # channels * channel_mult (len = 1 + max(log2(temporal_compression), log2(spatial_compression / patch))),
+  # `blocks` residual blocks per stage, `norm` "rms" (per position) or "group" (per frame, `groups` groups).
+  # Loss: l1 |x - x'| + mse (x - x')^2 + kl KL (means over elements) + ssim (1 - SSIM) + adversarial
+  # (hinge GAN with a 3D patch discriminator, from step adversarial_start). Held-out PSNR/SSIM on
+  # eval_clips clips (synthetic: unseen combinations; files: of eval_manifest; 0: none) every eval_every
+  # steps (0: at the end only); per-channel latent statistics over stats_clips training clips.
+  c.vae = ConfigDict(dict(
+      channels=64, channel_mult=(1, 2, 2), blocks=1, latent_channels=16, temporal_compression=4,
+      spatial_compression=8, patch=4, norm="rms", groups=8, dtype="float32", param_dtype="float32",
+      l1=0.0, mse=1.0, kl=1e-6, ssim=0.0, adversarial=0.0, adversarial_start=0,
+      eval_every=0, eval_clips=32, eval_manifest="", stats_clips=64))
 
   # Multi-host (see parallel/distributed.py); the environment can supply all of it.
   c.distributed = ConfigDict(dict(initialize="auto", coordinator="", num_processes=0, process_id=-1,
@@ -251,10 +273,12 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
   v, m = cfg.video, cfg.model
   if len(m.patch) != 3 or min(m.patch) < 1:
     raise UserError(f"model.patch={m.patch} must be three positive sizes (t, h, w)")
-  for name, size, p in (("frames", v.frames, m.patch[0]), ("height", v.height, m.patch[1]),
-                        ("width", v.width, m.patch[2])):
-    if size < 1 or size % p:
-      raise UserError(f"video.{name}={size} is not divisible by its patch size {p} (model.patch={m.patch})")
+  validate_autoencoder(cfg)
+  grid = latent_shape(cfg)[:3]   # the video.* clip in the model's latent space
+  for name, size, cells, p in zip(("frames", "height", "width"), (v.frames, v.height, v.width), grid, m.patch):
+    if size < 1 or cells % p:
+      latent = f" ({cells} latent {name})" if cells != size else ""
+      raise UserError(f"video.{name}={size}{latent} is not divisible by its patch size {p} (model.patch={m.patch})")
   if m.width % m.heads:
     raise UserError(f"model.heads={m.heads} does not divide model.width={m.width}")
   if (m.width // m.heads) % 2 or m.width // m.heads < 6:
@@ -316,6 +340,10 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
   if not 0 <= cfg.sample.context_frames < v.frames:
     raise UserError(f"sample.context_frames={cfg.sample.context_frames} must be in [0, video.frames={v.frames}) "
                     "(0: half of video.frames)")
+  compression = clip_compression(cfg)
+  if compression and cfg.sample.context_frames and (cfg.sample.context_frames - 1) % compression[0]:
+    raise UserError(f"sample.context_frames={cfg.sample.context_frames} must be 1 + {compression[0]} k (whole "
+                    "latent frames of the VAE), or 0 for the default")
   if m.condition not in CONDITIONS:
     raise UserError(f"model.condition={m.condition!r} must be one of {CONDITIONS}")
   weights = [cfg.cond[k] for k in cfg.cond]
@@ -347,11 +375,109 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
 
 
 def num_tokens(cfg: ConfigDict, shape: tuple[int, int, int] | None = None) -> int:
-  """Spacetime patches per clip of `shape` (frames, height, width; default video.*):
-  (T/pt) (H/ph) (W/pw)."""
+  """Spacetime patches per clip of `shape` (frames, height, width of pixels; default video.*):
+  (T'/pt) (H'/ph) (W'/pw) over its latent grid (the pixels themselves for `identity`)."""
   pt, ph, pw = cfg.model.patch
-  frames, height, width = shape or (cfg.video.frames, cfg.video.height, cfg.video.width)
+  frames, height, width, _ = latent_shape(cfg, shape)
   return (frames // pt) * (height // ph) * (width // pw)
+
+
+def latent_shape(cfg: ConfigDict, shape: tuple[int, int, int] | None = None) -> tuple[int, int, int, int]:
+  """(T', H', W', C') the model sees for clips of `shape` (frames, height, width; default video.*):
+  the clip itself for `identity`, (1 + (T - 1) / tc, H / sc, W / sc, Z) for a causal `vae`."""
+  frames, height, width = shape or (cfg.video.frames, cfg.video.height, cfg.video.width)
+  a = cfg.autoencoder
+  if a.name != "vae":
+    return (frames, height, width, cfg.video.channels)
+  tc, sc = a.temporal_compression, a.spatial_compression
+  return (1 + (frames - 1) // tc, height // sc, width // sc, a.latent_channels)
+
+
+def patch_dims(cfg: ConfigDict) -> tuple[int, int]:
+  """(in, out) features of one patch token: out = pt * ph * pw * C' (latent channels); in adds a
+  mask channel per element with model.condition = "mask"."""
+  pt, ph, pw = cfg.model.patch
+  channels = latent_shape(cfg)[3]
+  out_dim = pt * ph * pw * channels
+  return (out_dim // channels * (channels + 1) if cfg.model.condition == "mask" else out_dim), out_dim
+
+
+def clip_compression(cfg: ConfigDict) -> tuple[int, int] | None:
+  """(tc, sc) of the causal VAE that clips go through (trained, or used as the autoencoder),
+  whose clips must have 1 + tc k frames and sides divisible by sc; None for pixel space."""
+  if cfg.model.name == "vae":
+    return cfg.vae.temporal_compression, cfg.vae.spatial_compression
+  if cfg.autoencoder.name == "vae":
+    return cfg.autoencoder.temporal_compression, cfg.autoencoder.spatial_compression
+  return None
+
+
+def check_clip(cfg: ConfigDict, what: str, frames: int, height: int, width: int) -> None:
+  """A clip shape a causal VAE can take: 1 + tc k frames, sides divisible by sc (see clip_compression)."""
+  compression = clip_compression(cfg)
+  if compression is None:
+    return
+  tc, sc = compression
+  if frames < 1 or (frames - 1) % tc or height % sc or width % sc:
+    raise UserError(f"{what}: a causal VAE with temporal compression {tc} and spatial compression {sc} takes "
+                    f"1 + {tc}k frames and sides divisible by {sc}, not {frames}x{height}x{width}; "
+                    f"e.g. --config.video.frames={1 + tc * max(1, (frames - 1) // tc)}")
+
+
+def _power_of_two(n: int) -> bool:
+  return n >= 1 and n & (n - 1) == 0
+
+
+def validate_autoencoder(cfg: ConfigDict) -> None:
+  """The autoencoder a model sees clips through (autoencoder.*), and the VAE being trained (vae.*)."""
+  a, v = cfg.autoencoder, cfg.vae
+  if cfg.model.name not in MODELS:
+    raise UserError(f"model.name={cfg.model.name!r} must be one of {MODELS}")
+  if a.name == "vae":
+    if not a.checkpoint:
+      raise UserError("autoencoder.name='vae' needs --config.autoencoder.checkpoint=DIR, a run directory or export "
+                      "of a VAE trained with configs/vae.py")
+    if not (_power_of_two(a.temporal_compression) and _power_of_two(a.spatial_compression)) or a.latent_channels < 1:
+      raise UserError("autoencoder.temporal_compression and spatial_compression must be powers of two and "
+                      "autoencoder.latent_channels >= 1 (the VAE's, as in its config.json)")
+    if a.chunk < 0 or a.tile < 0 or a.tile_overlap < 0 or (a.tile and a.tile_overlap >= a.tile):
+      raise UserError(f"autoencoder.chunk and autoencoder.tile must be >= 0 and autoencoder.tile_overlap in "
+                      f"[0, tile) (got chunk={a.chunk}, tile={a.tile}, tile_overlap={a.tile_overlap})")
+  if cfg.model.name == "vae":
+    if a.name != "identity":
+      raise UserError("a VAE trains on pixels: set --config.autoencoder.name=identity")
+    if cfg.data.source == "latents":
+      raise UserError("a VAE trains on pixels: use --config.data.source=synthetic or files, not latents")
+    if not (_power_of_two(v.temporal_compression) and _power_of_two(v.spatial_compression)
+            and v.temporal_compression <= v.spatial_compression):
+      raise UserError(f"vae.temporal_compression={v.temporal_compression} and vae.spatial_compression="
+                      f"{v.spatial_compression} must be powers of two, temporal <= spatial")
+    if not _power_of_two(v.patch) or v.patch > v.spatial_compression:
+      raise UserError(f"vae.patch={v.patch} must be a power of two, at most vae.spatial_compression="
+                      f"{v.spatial_compression}")
+    stages = max(v.temporal_compression, v.spatial_compression // v.patch).bit_length()   # 1 + log2
+    if len(v.channel_mult) != stages or min(v.channel_mult) < 1:
+      raise UserError(f"vae.channel_mult={v.channel_mult} needs {stages} positive entries (one per resolution: "
+                      f"1 + max(log2 temporal_compression, log2(spatial_compression / patch)))")
+    if v.channels < 1 or v.blocks < 1 or v.latent_channels < 1:
+      raise UserError("vae.channels, vae.blocks and vae.latent_channels must be at least 1")
+    if v.norm not in VAE_NORMS:
+      raise UserError(f"vae.norm={v.norm!r} must be one of {VAE_NORMS}")
+    if v.norm == "group" and any(v.channels * mult % v.groups for mult in v.channel_mult):
+      raise UserError(f"vae.groups={v.groups} must divide every stage width vae.channels * vae.channel_mult")
+    for key in ("dtype", "param_dtype"):
+      if v[key] not in DTYPES:
+        raise UserError(f"vae.{key}={v[key]!r} must be one of {DTYPES}")
+    if min(v.l1, v.mse, v.kl, v.ssim, v.adversarial) < 0 or v.l1 + v.mse <= 0:
+      raise UserError("vae.l1, vae.mse, vae.kl, vae.ssim and vae.adversarial must be >= 0, with vae.l1 + vae.mse > 0")
+    if v.eval_every < 0 or v.eval_clips < 0 or v.stats_clips < 1:
+      raise UserError("vae.eval_every and vae.eval_clips must be >= 0, vae.stats_clips >= 1")
+    if cfg.video.channels != 3:
+      raise UserError(f"a VAE trains on RGB video: set --config.video.channels=3 (it is {cfg.video.channels})")
+  elif a.name == "vae" and cfg.video.channels != 3:
+    raise UserError(f"autoencoder.name='vae' encodes RGB video: set --config.video.channels=3 "
+                    f"(it is {cfg.video.channels}); the model sees autoencoder.latent_channels")
+  check_clip(cfg, "video.*", cfg.video.frames, cfg.video.height, cfg.video.width)
 
 
 def buckets(cfg: ConfigDict, batch_shards: int = 1) -> list[tuple[int, int, int, int]]:
@@ -371,7 +497,9 @@ def buckets(cfg: ConfigDict, batch_shards: int = 1) -> list[tuple[int, int, int,
       raise UserError(f"data.buckets entry {spec} must be (frames, height, width) or (frames, height, width, "
                       "batch) of positive ints")
     frames, height, width = spec[:3]
-    for name, size, p in (("frames", frames, patch[0]), ("height", height, patch[1]), ("width", width, patch[2])):
+    check_clip(cfg, f"data.buckets entry {spec}", frames, height, width)
+    grid = latent_shape(cfg, spec[:3])[:3]
+    for name, size, p in zip(("frames", "height", "width"), grid, patch):
       if size % p:
         raise UserError(f"data.buckets entry {spec}: {name}={size} is not divisible by its patch size {p} "
                         f"(model.patch={patch})")
@@ -413,6 +541,11 @@ def _tuples(value):
   return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+# vae.* keys that fix a VAE's parameters (the rest is how it computes and trains).
+VAE_ARCHITECTURE = ("channels", "channel_mult", "blocks", "latent_channels", "temporal_compression",
+                    "spatial_compression", "patch", "norm", "groups", "param_dtype")
+
+
 def model_hash(cfg: ConfigDict) -> str:
   """Hash of what fixes the parameters: a checkpoint only fits a model with the same hash."""
   return hashlib.sha256(json.dumps(_model_keys(cfg), sort_keys=True).encode()).hexdigest()[:12]
@@ -420,16 +553,24 @@ def model_hash(cfg: ConfigDict) -> str:
 
 def _model_keys(cfg: ConfigDict) -> dict:
   """The flat {key: value} that fixes the parameters (not how the model runs)."""
+  if cfg.model.name == "vae":   # the VAE's architecture (a discriminator exists only with an adversarial loss)
+    keys = {f"vae.{k}": cfg.vae[k] for k in VAE_ARCHITECTURE}
+    keys.update({"model.name": "vae", "vae.discriminator": cfg.vae.adversarial > 0})
+    return keys
   keys = {f"model.{k}": v for k, v in cfg.model.items() if k not in ("dtype", "remat", "attention", "context_parallel")}
   keys.update({f"text.{k}": v for k, v in cfg.text.items() if k != "drop_rate"})
   keys["video.channels"] = cfg.video.channels
+  if cfg.autoencoder.name != "identity":   # the model's input is the autoencoder's latents
+    keys.update({"autoencoder.name": cfg.autoencoder.name,
+                 "autoencoder.latent_channels": cfg.autoencoder.latent_channels})
   return keys
 
 
 def model_diffs(saved: ConfigDict, cfg: ConfigDict) -> str:
   """Which parameter-fixing keys differ, for error messages."""
   a, b = _model_keys(saved), _model_keys(cfg)
-  diffs = [f"{k}: saved {a[k]}, now {b[k]}" for k in a if a[k] != b[k]]
+  keys = list(a) + [k for k in b if k not in a]   # a VAE's keys are not a DiT's
+  diffs = [f"{k}: saved {a.get(k)}, now {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
   return "; ".join(diffs[:4]) or "different parameters"
 
 

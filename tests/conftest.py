@@ -53,3 +53,32 @@ def trained_run(tmp_path_factory):
   assert train_small(workdir, "--config.train.steps=4", "--config.checkpoint.every=2",
                      "--config.train.log_every=2") == 0
   return workdir
+
+
+VAE = os.path.join(REPO, "configs", "vae.py")
+# configs/vae.py:S shrunk so that a step takes a fraction of a second: 5x32x32 clips -> 2x4x4x4 latents.
+# (Not smaller: XLA takes several times longer to compile convolutions over 2x2 or 1x1 frames.)
+VAE_SMALL = [
+    "--config.vae.channels=8", "--config.vae.channel_mult=(1,1,1)", "--config.vae.latent_channels=4",
+    "--config.video.frames=5", "--config.video.height=32", "--config.video.width=32",
+    "--config.train.batch_size=8", "--config.optim.warmup_steps=2", "--config.vae.eval_clips=8",
+    "--config.vae.stats_clips=16", "--config.vae.eval_every=2", "--config.train.log_every=2",
+]
+# configs/tiny.py:latent on the latents of a VAE_SMALL run (add --config.autoencoder.checkpoint=RUN).
+LATENT_SMALL = SMALL + ["--config.video.frames=5", "--config.video.height=32", "--config.video.width=32",
+                        "--config.model.patch=(1,2,2)", "--config.autoencoder.latent_channels=4"]
+
+
+def train_vae_small(workdir, *overrides) -> int:
+  """Runs `jaxvid train` on the VAE_SMALL config in this process; returns the exit status."""
+  from jaxvid import cli
+  return cli.main(["train", "--config", f"{VAE}:S", "--workdir", str(workdir), *VAE_SMALL, *overrides])
+
+
+@pytest.fixture(scope="session")
+def trained_vae(tmp_path_factory):
+  """A VAE_SMALL run trained for 4 steps, checkpoints at 2 and 4, latent statistics of step 4
+  (shared, do not modify)."""
+  workdir = tmp_path_factory.mktemp("vae") / "run"
+  assert train_vae_small(workdir, "--config.train.steps=4", "--config.checkpoint.every=2") == 0
+  return workdir

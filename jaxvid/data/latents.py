@@ -84,9 +84,9 @@ def _create_or_check(store: str, meta: dict) -> None:
   path = os.path.join(store, "meta.json")
   if os.path.exists(path):
     old = read_meta(store)
-    for key in ("manifest_hash", "autoencoder", "dtype", "text", "buckets"):
-      if old.get(key) != meta[key]:
-        raise UserError(f"{store} was encoded with another {key} ({old.get(key)} vs {meta[key]}); "
+    for key in ("manifest_hash", "autoencoder", "autoencoder_id", "dtype", "text", "buckets"):
+      if old.get(key) != meta.get(key):
+        raise UserError(f"{store} was encoded with another {key} ({old.get(key)} vs {meta.get(key)}); "
                         "use a new --output or the same manifest and config")
     return
   if os.path.exists(store) and os.listdir(store):
@@ -141,6 +141,8 @@ def encode(cfg: ml_collections.ConfigDict, manifest_path: str, store: str) -> di
           "buckets": [{"name": b.name, "frames": b.frames, "height": b.height, "width": b.width,
                        "latent_shape": list(ae.latent_shape(b.frames, b.height, b.width, 3)), "rows": n}
                       for b, n in zip(buckets, per_bucket)]}
+  if ae.name != "identity":   # which trained autoencoder (parameters and latent statistics)
+    meta["autoencoder_id"] = ae.identity()
   error = None
   try:   # process 0 creates the store (or checks it); then every process checks it
     if jax.process_index() == 0:
@@ -274,6 +276,9 @@ def _open_batches(cfg, batch_shards, process_index, process_count):
   if meta["autoencoder"] != cfg.autoencoder.name:
     raise UserError(f"{store} holds latents of autoencoder {meta['autoencoder']!r}, the config uses "
                     f"{cfg.autoencoder.name!r}; re-encode or set --config.autoencoder.name")
+  if cfg.autoencoder.name != "identity" and meta.get("autoencoder_id") != autoencoder_lib.make(cfg).identity():
+    raise UserError(f"{store} holds latents of another {cfg.autoencoder.name} than autoencoder.checkpoint="
+                    f"{cfg.autoencoder.checkpoint} (its parameters or latent statistics differ); re-encode with it")
   if meta["text"] != _text_spec(cfg):
     raise UserError(f"{store} was tokenized with text {meta['text']}, the config has {_text_spec(cfg)}; "
                     "re-encode with this config or use the store's text settings")
@@ -285,9 +290,10 @@ def _open_batches(cfg, batch_shards, process_index, process_count):
       raise UserError(f"{store} has bucket {b['name']}, which data.buckets does not list; "
                       "train with the config the store was encoded with")
     buckets.append(bucket_lib.Bucket(*shape, configured[shape]))
-  if any(b["latent_shape"][-1] != cfg.video.channels for b in meta["buckets"]):
-    raise UserError(f"{store} has {meta['buckets'][0]['latent_shape'][-1]} latent channels, the model "
-                    f"video.channels={cfg.video.channels}; set --config.video.channels to match")
+  channels = config_lib.latent_shape(cfg)[3]
+  if any(b["latent_shape"][-1] != channels for b in meta["buckets"]):
+    raise UserError(f"{store} has {meta['buckets'][0]['latent_shape'][-1]} latent channels, the model {channels} "
+                    "(video.channels, or autoencoder.latent_channels with a VAE); re-encode or set it to match")
   samples = read_index(store)
   if not samples:
     raise UserError(f"{store} has no encoded samples; run jaxvid encode first")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
+from jaxvid import config as config_lib
 from jaxvid.models import attention, layers, rope, text
 from jaxvid.parallel import sharding as sh
 
@@ -102,8 +103,7 @@ class DiT(nnx.Module):
     self.remat, self.pos_embed, self.condition = m.remat, m.pos_embed, m.condition
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    patch_dim = self.patch[0] * self.patch[1] * self.patch[2] * cfg.video.channels
-    in_dim = patch_dim // cfg.video.channels * (cfg.video.channels + 1) if self.condition == "mask" else patch_dim
+    in_dim, patch_dim = config_lib.patch_dims(cfg)
 
     self.text_encoder = text.make_encoder(cfg, dtype, param_dtype, rngs)
     self.patch_embedding = layers.dense(in_dim, d, (None, sh.EMBED), **kw)

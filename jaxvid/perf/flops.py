@@ -34,12 +34,12 @@ class Flops:
 
 def count(cfg: ml_collections.ConfigDict, batch: int, shape: tuple[int, int, int] | None = None) -> Flops:
   """Forward FLOPs of the DiT of `cfg` (and its text encoder) on `batch` clips of `shape`
-  (frames, height, width in the model's input space; default video.*)."""
+  (frames, height, width of the pixel clips, whose latent grid the DiT sees; default video.*).
+  An autoencoder's encoding is not counted."""
   m, t = cfg.model, cfg.text
   n = config_lib.num_tokens(cfg, shape)          # video tokens per clip
   d, f, l, dt = m.width, m.mlp_dim, t.max_len, t.width
-  patch_dim = m.patch[0] * m.patch[1] * m.patch[2] * cfg.video.channels
-  in_dim = patch_dim // cfg.video.channels * (cfg.video.channels + 1) if m.condition == "mask" else patch_dim
+  in_dim, patch_dim = config_lib.patch_dims(cfg)
   mm = lambda rows, k, cols: 2.0 * batch * rows * k * cols   # [batch*rows, k] @ [k, cols]
 
   self_proj = 4 * mm(n, d, d)                    # q, k, v, o

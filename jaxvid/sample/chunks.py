@@ -19,16 +19,27 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from jaxvid import config as config_lib
 from jaxvid.data import video_files
 from jaxvid.data.manifest import Entry
 from jaxvid.sample.items import Item
 
 
 def context_frames(cfg: ml_collections.ConfigDict) -> int:
-  """K: frames of the video so far given to each continuing chunk (at least 1 when a clip has 2)."""
-  if cfg.video.frames < 2:
+  """K: frames of the video so far given to each continuing chunk (at least 1 when a clip has 2).
+
+  Through a causal VAE of temporal compression tc, K is 1 + tc k (whole latent frames; default
+  about half of them), so the context is exactly the first latent frames of the chunk.
+  """
+  frames = cfg.video.frames
+  if frames < 2:
     return 0
-  return cfg.sample.context_frames or max(1, cfg.video.frames // 2)
+  if cfg.sample.context_frames:                       # validated by config.validate
+    return cfg.sample.context_frames
+  compression = config_lib.clip_compression(cfg)
+  if compression:                                      # half the latent frames after the first
+    return 1 + compression[0] * ((frames - 1) // compression[0] // 2)
+  return max(1, frames // 2)
 
 
 def chunk_count(item: Item, frames: int, context: int) -> int:

@@ -7,6 +7,7 @@ Layout of an export folder:
   config.json    the run's resolved config
   export.json    {"step", "model_hash", "source"}
   params/        an Orbax checkpoint of the EMA parameters (restored straight into shardings)
+  ...            what the model family keeps beside its parameters (a VAE: latent_stats.json)
 """
 
 import json
@@ -23,6 +24,7 @@ from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
 from jaxvid.train import checkpoint as ckpt_lib
 from jaxvid.train import state as state_lib
+from jaxvid.train import tasks
 
 log = logging.getLogger("jaxvid")
 EXPORT_INFO = "export.json"
@@ -32,8 +34,9 @@ def is_export(path: str) -> bool:
   return os.path.isfile(os.path.join(path, EXPORT_INFO))
 
 
-def export(cfg: ml_collections.ConfigDict, params, step: int, source: str, output: str) -> None:
-  """Writes `params` (EMA, as restored from `source` at `step`) to a new folder `output`."""
+def export(cfg: ml_collections.ConfigDict, params, step: int, source: str, output: str, extras=None) -> None:
+  """Writes `params` (EMA, as restored from `source` at `step`) to a new folder `output`;
+  `extras(folder)`, run on every process before the folder is complete, adds files to it."""
   if os.path.exists(output):
     raise UserError(f"--output {output} already exists; choose a new path (nothing was overwritten)")
   tmp = output.rstrip("/") + ".partial"
@@ -42,6 +45,8 @@ def export(cfg: ml_collections.ConfigDict, params, step: int, source: str, outpu
   os.makedirs(tmp)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.abspath(os.path.join(tmp, "params")), params)
+  if extras is not None:
+    extras(tmp)
   if jax.process_index() == 0:
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
@@ -99,8 +104,11 @@ def export_run(workdir: str, output: str, step: int | None = None) -> None:
     raise UserError(f"--output {output} already exists; choose a new path (nothing was overwritten)")
   config_lib.validate(cfg, jax.device_count())
   mesh = mesh_lib.make_mesh(cfg)
-  _, abstract = state_lib.abstract_model(cfg)
-  target = ckpt_lib.with_shardings(abstract, state_lib.param_shardings(abstract, mesh, sharding.rules_from_config(cfg)))
+  rules = sharding.rules_from_config(cfg)
+  graphdef, abstract = state_lib.abstract_model(cfg)
+  target = ckpt_lib.with_shardings(abstract, state_lib.param_shardings(abstract, mesh, rules))
   params, step = load_params(workdir, cfg, target, step, "ema")
-  export(cfg, params, step, workdir, output)
+  finalize = tasks.get(cfg).finalize
+  export(cfg, params, step, workdir, output,
+         extras=lambda folder: finalize(cfg, graphdef, params, step, folder, mesh, rules))
   log.info("exported the EMA parameters of %s at step %d to %s", workdir, step, output)

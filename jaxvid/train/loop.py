@@ -1,10 +1,13 @@
 """The trainer, top to bottom: mesh, input, model and state, step, checkpoint, loop.
 
   jaxvid train --config configs/tiny.py --workdir runs/tiny
+  jaxvid train --config configs/vae.py --workdir runs/vae
+
+One trainer for every model family; what differs (the step, evaluation, files kept beside the
+parameters) comes from the family's task (tasks.py), chosen by `model.name`.
 """
 
 import logging
-import math
 import os
 import time
 
@@ -14,8 +17,8 @@ import tqdm
 
 from jaxvid import config as config_lib
 from jaxvid.data import pipeline
-from jaxvid.diffusion import flow as flow_lib
 from jaxvid.errors import UserError
+from jaxvid.models import autoencoder
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
 from jaxvid.train import checkpoint as ckpt_lib
@@ -24,6 +27,7 @@ from jaxvid.train import metrics as metrics_lib
 from jaxvid.train import preemption
 from jaxvid.train import state as state_lib
 from jaxvid.train import step as step_lib
+from jaxvid.train import tasks
 
 log = logging.getLogger("jaxvid")
 
@@ -112,6 +116,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
   log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
   # Model, optimizer and state: created sharded, or restored in place.
+  task = tasks.get(cfg)
   tx, schedule = state_lib.make_optimizer(cfg)
   graphdef, init, abstract = state_lib.abstract_state(cfg, tx)
   shardings = state_lib.state_shardings(abstract, mesh, rules)
@@ -125,18 +130,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
       log.warning("%s has checkpoints: resuming it, --init_from is ignored", workdir)
     state = checkpointer.restore(latest, ckpt_lib.with_shardings(abstract, shardings), loader.iterator)
     log.info("resumed from %s/%d", checkpointer.directory, latest)
-  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-  log.info("model: %.2fM parameters, %d tokens per clip, flow shift %.2f",
-           num_params / 1e6, config_lib.num_tokens(cfg), flow_lib.resolve_shift(cfg))
+  log.info("model: %s", task.describe(cfg, sum(x.size for x in jax.tree.leaves(abstract.params))))
+  # The autoencoder's parameters (none in pixel space), on the mesh: an argument of every step.
+  ae_params = autoencoder.make(cfg).load(mesh)
 
   # The step, compiled ahead of time once per bucket shape.
-  step_fn = step_lib.compile_train_step(step_lib.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
-                                        shardings, loader.shardings(loader.specs[0]))
-  train_steps = {}
+  step_fn = step_lib.compile_train_step(task.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
+                                        shardings, loader.shardings(loader.specs[0]), ae_params)
+  train_steps, batch_tokens = {}, {}
   for spec in loader.specs:
     t0 = time.time()
-    train_steps[_shapes(spec)] = step_fn.lower(state, spec).compile()
+    train_steps[_shapes(spec)] = step_fn.lower(state, spec, ae_params).compile()
+    batch_tokens[_shapes(spec)] = task.tokens(cfg, spec)
     log.info("compiled the train step for batches of %s in %.1f s", _describe(spec), time.time() - t0)
+  evaluate = task.make_evaluator(cfg, graphdef, mesh, rules)   # None: the family has no evaluation
 
   # The loop.
   start, total = int(state.step), cfg.train.steps
@@ -149,22 +156,23 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
                   disable=jax.process_index() != 0)
   last_time, last_step, saved, tokens = time.time(), start, start, 0
   skipped = loader.skipped_at_start   # files dropped at startup, then those replaced in batches (on device)
-  patch_size = math.prod(cfg.model.patch)
   with preemption.StopRequest() as stop:
     for step in range(start, total):
       batch = next(loader)
-      state, metrics = train_steps[_shapes(batch)](state, batch)
+      state, metrics = train_steps[_shapes(batch)](state, batch, ae_params)
       skipped = skipped + metrics.pop("data/skipped")
-      x = batch.get("video", batch.get("latents"))
-      tokens += math.prod(x.shape[:4]) // patch_size
+      tokens += batch_tokens[_shapes(batch)]
       done = step + 1
-      if done % cfg.train.log_every == 0 or done == total:
+      evaluating = evaluate is not None and (done % evaluate.every == 0 or done == total)
+      if done % cfg.train.log_every == 0 or done == total or evaluating:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.time()
         steps_per_sec = (done - last_step) / (now - last_time)
         metrics.update(steps_per_sec=steps_per_sec, tokens_per_sec=tokens / (now - last_time))
         metrics["data/skipped"] = int(skipped)
-        last_time, last_step, tokens = now, done, 0
+        if evaluating:
+          metrics.update(evaluate(state))
+        last_time, last_step, tokens = time.time(), done, 0   # evaluation time is not step time
         writer.write(done, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_per_s=f"{steps_per_sec:.2f}")
       bar.update(1)
@@ -176,6 +184,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
         break
     bar.close()
     checkpointer.wait()
+  if saved > start:   # e.g. a VAE's latent statistics, for the parameters just saved
+    task.finalize(cfg, graphdef, state.ema, saved, workdir, mesh, rules)
   checkpointer.close()
   writer.close()
   if saved < total:

@@ -14,7 +14,11 @@ import ml_collections
 import optax
 
 from jaxvid.models import dit
+from jaxvid.models import vae
 from jaxvid.parallel import sharding
+
+# model.name -> build(cfg, seed) -> nnx.Module
+MODELS = {"dit": dit.build, "vae": vae.build}
 
 
 @flax.struct.dataclass
@@ -40,7 +44,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransf
 
 def abstract_model(cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State]:
   """The model's structure and its parameters as shapes only (no memory used)."""
-  model = nnx.eval_shape(lambda: dit.build(cfg, cfg.seed))
+  model = nnx.eval_shape(lambda: MODELS[cfg.model.name](cfg, cfg.seed))
   return nnx.split(model, nnx.Param)
 
 
@@ -53,7 +57,7 @@ def abstract_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformat
   graphdef, _ = abstract_model(cfg)
 
   def init() -> TrainState:
-    _, params = nnx.split(dit.build(cfg, cfg.seed), nnx.Param)
+    _, params = nnx.split(MODELS[cfg.model.name](cfg, cfg.seed), nnx.Param)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=params)
 
   return graphdef, init, jax.eval_shape(init)

@@ -1,4 +1,8 @@
-"""The pure train step: (state, batch) -> (state, metrics), compiled once with donation."""
+"""The pure train step: (state, batch, ae_params) -> (state, metrics), compiled once with donation.
+
+`ae_params` are the autoencoder's parameters (`autoencoder.make(cfg).load(mesh)`; {} for pixel
+space): an argument of the compiled step, so a trained VAE's weights are never baked into it.
+"""
 
 import math
 
@@ -34,18 +38,17 @@ def ema_decay(decay: float, step: jax.Array) -> jax.Array:
 
 def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, schedule: optax.Schedule):
-  """Returns train_step(state, batch) -> (state, metrics); batch as from `pipeline.Loader`.
+  """Returns train_step(state, batch, ae_params) -> (state, metrics); batch as from `pipeline.Loader`.
 
   Randomness (caption dropout, flow times, noise, known-part masks) comes from fold_in(seed, step), so a resumed
   run draws exactly what the uninterrupted one would have.
   """
   seed, drop_rate, decay = cfg.seed, cfg.text.drop_rate, cfg.optim.ema_decay
   ae = autoencoder.make(cfg)
-  ae_params = ae.load()   # identity: none (a trained autoencoder's must become a step argument)
   patch = cfg.model.patch
   masks = conditioning.MaskDistribution.from_config(cfg) if cfg.model.condition == "mask" else None
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: dict, ae_params) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     rng_drop, rng_flow = jax.random.split(rng)
     tokens = drop_captions(batch["tokens"], rng_drop, drop_rate)
@@ -74,14 +77,17 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   return train_step
 
 
-def compile_train_step(train_step, mesh: Mesh, rules: sharding.Rules, state_shardings, batch_shardings):
-  """jit with explicit shardings; the state is donated (updated in place)."""
+def compile_train_step(train_step, mesh: Mesh, rules: sharding.Rules, state_shardings, batch_shardings,
+                       ae_params=None):
+  """jit of step(state, batch, ae_params) with explicit shardings; the state is donated (updated
+  in place). `ae_params` (arrays or shapes) give the autoencoder parameters' shardings."""
+  ae_shardings = jax.tree.map(lambda a: a.sharding, ae_params or {})
 
-  def step(state, batch):
+  def step(state, batch, ae_params):
     with sharding.activation_rules(mesh, rules):
-      return train_step(state, batch)
+      return train_step(state, batch, ae_params)
 
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings, ae_shardings),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
@@ -96,5 +102,8 @@ def compile_for_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh) -> jax.stages.C
   batch_shardings = {k: mesh_lib.batch_sharding(mesh, rules, len(v.shape)) for k, v in batch.items()}
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch.items()}
-  step = compile_train_step(make_train_step(cfg, graphdef, tx, schedule), mesh, rules, shardings, batch_shardings)
-  return step.lower(state, batch).compile()
+  ae_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                           autoencoder.make(cfg).load(mesh))   # small next to the model; read once here
+  step = compile_train_step(make_train_step(cfg, graphdef, tx, schedule), mesh, rules, shardings, batch_shardings,
+                            ae_params)
+  return step.lower(state, batch, ae_params).compile()

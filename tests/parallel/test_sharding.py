@@ -76,8 +76,8 @@ def _two_steps(mesh_shape, *overrides, devices=None):
   loader = pipeline.Loader(cfg, mesh, rules)
   step = step_lib.compile_train_step(step_lib.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
                                      shardings, loader.shardings(pipeline.batch_spec(cfg)))
-  state, metrics = step(state, next(loader))
-  state, metrics = step(state, next(loader))
+  state, metrics = step(state, next(loader), {})
+  state, metrics = step(state, next(loader), {})
   return float(metrics["loss"]), jax.tree.map(np.asarray, state.params)
 
 

@@ -127,6 +127,6 @@ def test_flow_loss_decreases_when_overfitting_one_batch():
 
   before = float(eval_loss(state.params))
   for _ in range(40):
-    state, _ = step(state, batch)
+    state, _ = step(state, batch, {})
   after = float(eval_loss(state.params))
   assert after < 0.8 * before, (before, after)

@@ -1,0 +1,45 @@
+"""Causal 3D video VAE variants, chosen by argument: S (trains on a CPU), B, L.
+
+  jaxvid train --config configs/vae.py:S --workdir runs/vae
+  jaxvid train --config configs/tiny.py:latent --workdir runs/tiny_latent --config.autoencoder.checkpoint=runs/vae
+
+Temporal compression 4 and spatial 8 (clips of 1 + 4k frames, sides divisible by 8), 16 latent
+channels, 4x4 pixel patches folded into channels first, RMS norms, an MSE reconstruction loss
+(on a fixed batch it reached 26 dB in 300 steps where L1 reached 15) plus a small KL. Variant
+sizes are a table, not copied files; everything else comes from `base_config()` (the vae.* keys
+there list every option).
+`S` trains on the built-in synthetic clips at 9 x 32 x 32 (as `configs/tiny.py:latent` uses them;
+being causal and convolutional it takes any 1 + 4k frames and any size) and reports held-out
+PSNR/SSIM every 250 steps; the latent statistics the diffusion model needs are written when
+training stops.
+"""
+
+from jaxvid import config as config_lib
+
+# name: (channels, channel_mult, blocks per stage, batch)
+VARIANTS = {
+    "S": (32, (1, 2, 2), 1, 8),
+    "B": (64, (1, 2, 4), 2, 32),
+    "L": (128, (1, 2, 4), 2, 64),
+}
+
+
+def get_config(arg: str = "S"):
+  if arg not in VARIANTS:
+    raise ValueError(f"unknown variant {arg!r} of configs/vae.py; choose one of {', '.join(VARIANTS)}")
+  channels, mult, blocks, batch = VARIANTS[arg]
+  c = config_lib.base_config()
+  c.model.name = "vae"
+  c.vae.update(channels=channels, channel_mult=mult, blocks=blocks, latent_channels=16, temporal_compression=4,
+               spatial_compression=8, patch=4, norm="rms", l1=0.0, mse=1.0, kl=1e-6, eval_every=250,
+               eval_clips=32, stats_clips=64)
+  c.video.update(frames=9, height=32, width=32, channels=3, fps=8)
+  c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.0, ema_decay=0.999)
+  c.train.update(steps=4000, batch_size=batch, log_every=50)
+  c.checkpoint.update(every=500, keep=2)
+  if arg != "S":   # accelerators: larger clips, bfloat16 compute
+    c.video.update(frames=17, height=128, width=128)
+    c.vae.dtype = "bfloat16"
+    c.train.update(steps=100_000, log_every=100)
+    c.checkpoint.update(every=2000, keep=3)
+  return c

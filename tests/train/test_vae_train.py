@@ -1,0 +1,203 @@
+"""Training the VAE through the one trainer, and the DiT in its latent space."""
+
+import json
+import os
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import LATENT_SMALL, TINY, VAE, VAE_SMALL, train_vae_small
+from jaxvid import cli, config
+from jaxvid.data import pipeline, synthetic
+from jaxvid.models import autoencoder
+from jaxvid.parallel import mesh as mesh_lib
+from jaxvid.parallel import sharding
+from jaxvid.train import checkpoint as ckpt_lib
+from jaxvid.train import state as state_lib
+from jaxvid.train import vae_step
+from jaxvid.train import video_quality
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_vae_run_writes_the_usual_metrics_and_held_out_psnr_ssim(trained_vae):
+  rows = _metrics(trained_vae)
+  assert [r["step"] for r in rows] == [2, 4]
+  for r in rows:
+    assert {"loss", "lr", "grad_norm", "steps_per_sec", "tokens_per_sec", "time", "recon/l1", "kl"} <= set(r)
+    assert 0 < r["eval/psnr"] < 60 and -1 <= r["eval/ssim"] <= 1
+  assert sorted(os.listdir(trained_vae / "checkpoints")) == ["2", "4"]
+  with open(trained_vae / autoencoder.LATENT_STATS) as f:
+    stats = json.load(f)
+  assert stats["step"] == 4 and stats["clips"] == 16 and len(stats["mean"]) == len(stats["std"]) == 4
+
+
+def test_vae_resume_matches_an_uninterrupted_run(tmp_path):
+  common = ("--config.checkpoint.every=2", "--config.train.log_every=1", "--config.vae.eval_clips=0",
+            "--config.vae.stats_clips=8")
+  assert train_vae_small(tmp_path / "once", "--config.train.steps=4", *common) == 0
+  assert train_vae_small(tmp_path / "twice", "--config.train.steps=2", *common) == 0
+  assert train_vae_small(tmp_path / "twice", "--config.train.steps=4", *common) == 0
+  once, twice = _metrics(tmp_path / "once"), _metrics(tmp_path / "twice")
+  assert [r["step"] for r in twice] == [1, 2, 3, 4]
+  assert [r["loss"] for r in once] == [r["loss"] for r in twice]
+  # Latent statistics follow the latest checkpoint of each invocation.
+  assert json.load(open(tmp_path / "twice" / autoencoder.LATENT_STATS))["step"] == 4
+
+
+def _setup(*overrides):
+  """State, compiled step and loader of VAE_SMALL on one device (compiles faster than 8)."""
+  cfg = config.load(f"{VAE}:S", VAE_SMALL + list(overrides))
+  config.validate(cfg, 1, train=True)
+  mesh = mesh_lib.make_mesh(cfg, jax.devices()[:1])
+  rules = sharding.rules_from_config(cfg)
+  tx, schedule = state_lib.make_optimizer(cfg)
+  graphdef, init, abstract = state_lib.abstract_state(cfg, tx)
+  shardings = state_lib.state_shardings(abstract, mesh, rules)
+  loader = pipeline.Loader(cfg, mesh, rules)
+  from jaxvid.train import step as step_lib
+  step = step_lib.compile_train_step(vae_step.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
+                                     shardings, loader.shardings(pipeline.batch_spec(cfg)))
+  return cfg, graphdef, state_lib.create(init, shardings), step, loader
+
+
+def test_a_few_steps_reduce_the_reconstruction_loss():
+  cfg, graphdef, state, step, loader = _setup("--config.optim.lr=3e-3", "--config.optim.warmup_steps=1")
+  batch = next(loader)
+
+  @jax.jit
+  def recon_l1(params):   # posterior means: the number only moves with the parameters
+    model = nnx.merge(graphdef, params)
+    x = autoencoder.normalize(batch["video"])
+    return jnp.mean(jnp.abs(model.decode(model.encode(x)[0]) - x))
+
+  before = float(recon_l1(state.params))
+  for _ in range(20):
+    state, metrics = step(state, batch, {})
+  after = float(recon_l1(state.params))
+  assert after < 0.7 * before, (before, after)
+
+
+def test_ssim_and_adversarial_terms_train_the_discriminator():
+  cfg, graphdef, state, step, loader = _setup("--config.vae.ssim=0.5", "--config.vae.adversarial=0.1",
+                                               "--config.vae.adversarial_start=1")
+  disc = lambda s: jax.tree.map(np.asarray, s.params["discriminator"])
+  before = disc(state)
+  state, first = step(state, next(loader), {})
+  state, second = step(state, next(loader), {})
+  for key in ("recon/ssim", "adv/generator", "adv/discriminator"):
+    assert np.isfinite(float(first[key])) and np.isfinite(float(second[key]))
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(disc(state))))
+
+
+def test_psnr_and_ssim_of_known_videos():
+  a = np.zeros((2, 3, 16, 16, 3), np.float32)
+  b = a.copy()
+  b[1] += 0.1                                  # mse 0.01 -> 20 dB
+  np.testing.assert_allclose(video_quality.psnr(a, b)[1], 20.0, rtol=1e-5)
+  np.testing.assert_allclose(video_quality.ssim(a + 0.5, a + 0.5), 1.0, atol=1e-6)
+  noisy = a + 0.5 + np.random.default_rng(0).normal(0, 0.2, a.shape).astype(np.float32)
+  assert float(video_quality.ssim(a + 0.5, noisy)[0]) < 0.5
+
+
+@pytest.fixture(scope="module")
+def latent_dit(trained_vae, tmp_path_factory):
+  """configs/tiny.py:latent (LATENT_SMALL) trained for 2 steps on the latents of `trained_vae`."""
+  workdir = tmp_path_factory.mktemp("latent_dit") / "run"
+  argv = ["train", "--config", f"{TINY}:latent", "--workdir", str(workdir), *LATENT_SMALL,
+          f"--config.autoencoder.checkpoint={trained_vae}", "--config.train.steps=2", "--config.train.log_every=1"]
+  assert cli.main(argv) == 0
+  return workdir
+
+
+def test_dit_trains_on_the_latents_of_a_vae_checkpoint(latent_dit):
+  workdir = latent_dit
+  rows = _metrics(workdir)
+  assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+  cfg = config.from_json(open(workdir / "config.json").read())
+  assert config.num_tokens(cfg) == 2 * 2 * 2          # 5x32x32 clips -> 2x4x4 latents, patch 1x2x2
+  _, abstract = state_lib.abstract_model(cfg)
+  assert abstract["patch_embedding"]["kernel"].shape[0] == 2 * 2 * 4    # patch 1x2x2 of the VAE's 4 channels
+  # The DiT's checkpoint holds no VAE parameters: those stay in the VAE's run.
+  ckpt = ckpt_lib.Checkpointer(str(workdir))
+  assert ckpt.all_steps() == [2]
+  ckpt.close()
+
+
+def test_sampling_noise_decodes_through_the_vae(trained_vae):
+  """What the sampler does with an autoencoder: noise of ae.latent_shape, decoded with ae_params
+  passed to the jitted function."""
+  cfg = config.load(f"{TINY}:latent", LATENT_SMALL + [f"--config.autoencoder.checkpoint={trained_vae}"])
+  ae = autoencoder.make(cfg)
+  mesh = mesh_lib.make_mesh(cfg)
+  params = ae.load(mesh)
+  v = cfg.video
+  shape = ae.latent_shape(v.frames, v.height, v.width, v.channels)
+
+  @jax.jit
+  def generate(params, seeds):
+    noise = jax.vmap(lambda s: jax.random.normal(jax.random.key(s), shape))(seeds)
+    return autoencoder.denormalize(ae.decode(params, noise))
+
+  videos = generate(params, jnp.arange(8))
+  assert videos.shape == (8, v.frames, v.height, v.width, 3) and videos.dtype == jnp.uint8
+
+
+def test_jaxvid_sample_decodes_and_extends_through_the_vae(latent_dit, tmp_path):
+  """Text-to-video and extension through the VAE: the clip's frames come out as given and the
+  new ones follow (one latent frame of context: 1 + 4 k pixel frames)."""
+  from jaxvid.sample import writer
+  clip = synthetic.render(synthetic.make_scene(0, 1), 5, 32, 32)
+  writer.write_mp4(tmp_path / "clip.mp4", clip, fps=8)
+  given = writer.read_mp4(tmp_path / "clip.mp4")
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps({"prompt": "a red circle moving left on a gray background", "id": "t2v"}) + "\n" +
+                     json.dumps({"prompt": "a red circle", "id": "ext", "video": "clip.mp4", "extend": 8}) + "\n")
+  out = tmp_path / "samples"
+  assert cli.main(["sample", "--workdir", str(latent_dit), "--prompts", str(prompts), "--output", str(out)]) == 0
+  assert writer.read_mp4(out / "t2v.mp4").shape == (5, 32, 32, 3)
+  extended = writer.read_mp4(out / "ext.mp4")
+  assert extended.shape == (13, 32, 32, 3)
+  # The clip itself is pasted back (up to re-encoding); the rest is new.
+  assert np.abs(extended[:5].astype(int) - given).mean() < 3.0
+  assert json.loads((out / "ext.json").read_text())["mode"] == "extend"
+
+
+def test_latent_cache_through_the_vae(trained_vae, tmp_path):
+  """`jaxvid encode` writes the VAE's normalized latents; the DiT trains from the store, and a
+  store of another VAE (other latent statistics) is refused."""
+  import imageio.v3 as iio
+  from jaxvid.data import latents
+  rows = []
+  for i in range(4):
+    frames = synthetic.render(synthetic.make_scene(0, i), 8, 32, 32)
+    iio.imwrite(tmp_path / f"clip{i}.mp4", frames, fps=8, codec="libx264", macro_block_size=1)
+    rows.append(json.dumps({"path": f"clip{i}.mp4", "caption": synthetic.make_scene(0, i).caption}))
+  (tmp_path / "clips.jsonl").write_text("\n".join(rows) + "\n")
+  common = [*LATENT_SMALL, f"--config.autoencoder.checkpoint={trained_vae}", "--config.train.batch_size=8",
+            "--config.data.buckets=((5,32,32,8),)"]
+  store = tmp_path / "store"
+  assert cli.main(["encode", "--config", f"{TINY}:latent", *common, "--manifest", str(tmp_path / "clips.jsonl"),
+                   "--output", str(store)]) == 0
+  meta = latents.read_meta(str(store))
+  assert meta["autoencoder"] == "vae" and meta["buckets"][0]["latent_shape"] == [2, 4, 4, 4]
+  workdir = tmp_path / "run"
+  assert cli.main(["train", "--config", f"{TINY}:latent", "--workdir", str(workdir), *common,
+                   "--config.data.source=latents", f"--config.data.store={store}", "--config.train.steps=1"]) == 0
+  assert np.isfinite(_metrics(workdir)[-1]["loss"])
+  # Other latent statistics: another VAE as far as the store is concerned.
+  stats = json.load(open(trained_vae / autoencoder.LATENT_STATS))
+  other = tmp_path / "other_vae"
+  import shutil
+  shutil.copytree(trained_vae, other)
+  autoencoder.write_latent_stats(str(other), stats["step"], 1, np.zeros(4), np.ones(4))
+  cfg = config.load(f"{TINY}:latent", common + [f"--config.autoencoder.checkpoint={other}",
+                                                 "--config.data.source=latents", f"--config.data.store={store}"])
+  with pytest.raises(Exception, match="holds latents of another vae"):
+    pipeline.make_source(cfg, 0, 1, 8)
