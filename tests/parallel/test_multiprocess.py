@@ -1,5 +1,6 @@
 """Real multi-process JAX jobs on this machine (launch/local.sh: processes joined by
-jax.distributed over 127.0.0.1 with gloo collectives)."""
+jax.distributed over 127.0.0.1 with gloo collectives). Training with two processes is in
+test_multiprocess_data.py."""
 
 import json
 import os
@@ -14,38 +15,10 @@ from conftest import REPO, SMALL, TINY, train_small
 
 pytestmark = pytest.mark.multiprocess
 
-RUN = SMALL + ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.train.log_every=1"]
-
-
 def _env(**extra):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
   env.update(extra)
   return env
-
-
-def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line)["loss"] for line in f]
-
-
-def test_two_processes_train_like_one(tmp_path):
-  workdir = tmp_path / "mp"
-  # A hybrid mesh: the data axis spans the two processes (as it would span two hosts over DCN).
-  hybrid = ["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.dcn_data=2"]
-  proc = subprocess.run([os.path.join(REPO, "launch", "local.sh"), "2", "4", sys.executable, "-m", "jaxvid",
-                         "train", "--config", TINY, "--workdir", str(workdir), *RUN, *hybrid],
-                        env=_env(JAXVID_LOG_DIR=str(tmp_path / "logs")), capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0, proc.stdout + proc.stderr + open(tmp_path / "logs" / "process_1.log").read()
-  assert "process 0 of 2 (4 local devices, 8 in all)" in proc.stdout
-  assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1, 'sequence': 1}" in proc.stdout
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
-  assert "process 1 of 2" in open(tmp_path / "logs" / "process_1.log").read()
-
-  single = tmp_path / "single"
-  assert train_small(single, *RUN[len(SMALL):]) == 0       # one process, the same 8 devices
-  # Same global batches; the mesh differs and gloo's all-reduce sums in its own order.
-  assert _losses(workdir) == pytest.approx(_losses(single), rel=1e-5)
 
 
 def _free_port():

@@ -16,7 +16,7 @@ from jaxvid.data import latents, synthetic
 pytestmark = pytest.mark.multiprocess
 
 DATA = ["--config.data.buckets=((4,16,16,8),(4,16,24,8))", "--config.data.fps=8.0", "--config.data.crop=center"]
-RUN = SMALL + DATA + ["--config.train.steps=3", "--config.checkpoint.every=3", "--config.train.log_every=1"]
+RUN = SMALL + DATA + ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.train.log_every=1"]
 
 
 def _manifest(folder):
@@ -47,11 +47,9 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_two_processes_encode_and_train_on_files_like_one(tmp_path):
+def test_two_processes_encode_a_latent_store(tmp_path):
   # (Reading the latent store per process is checked in-process: tests/data/test_latents.py.)
   manifest = _manifest(tmp_path)
-  mesh = ["--config.mesh.data=4", "--config.mesh.dcn_data=2"]
-
   # Encode with two processes: each writes its own share and index part; together, every clip.
   store = tmp_path / "store"
   out0, out1 = _local(tmp_path, "encode", "encode", "--config", TINY, *SMALL, *DATA, "--manifest", manifest,
@@ -61,10 +59,19 @@ def test_two_processes_encode_and_train_on_files_like_one(tmp_path):
   index = latents.read_index(str(store))
   assert sorted(r["path"] for r in index) == sorted(str(tmp_path / f"{i}.mp4") for i in range(10))
 
-  # Train on the files with two processes, and with one: same global batches, same losses.
+
+def test_two_processes_train_on_files_like_one(tmp_path):
+  manifest = _manifest(tmp_path)
+  # A hybrid mesh: the data axis spans the two processes (as it would span two hosts over DCN).
+  hybrid = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2"]
   files = ["--config.data.source=files", f"--config.data.manifest={manifest}"]
-  _local(tmp_path, "files", "train", "--config", TINY, "--workdir", str(tmp_path / "mp_files"), *RUN, *files, *mesh)
+  workdir = tmp_path / "mp_files"
+  out0, out1 = _local(tmp_path, "files", "train", "--config", TINY, "--workdir", str(workdir), *RUN, *files, *hybrid)
+  assert "process 0 of 2 (2 local devices, 4 in all)" in out0 and "process 1 of 2" in out1
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1, 'sequence': 1}" in out0
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  # One process (8 devices, data-parallel): same global batches, same losses (up to sums in another order).
   assert train_small(tmp_path / "one_files", *RUN[len(SMALL):], *files) == 0
-  two, one = _metrics(tmp_path / "mp_files"), _metrics(tmp_path / "one_files")
+  two, one = _metrics(workdir), _metrics(tmp_path / "one_files")
   assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
-  assert [r["data/skipped"] for r in two] == [r["data/skipped"] for r in one] == [1, 1, 1]   # gone.mp4
+  assert [r["data/skipped"] for r in two] == [r["data/skipped"] for r in one] == [1, 1, 1, 1]   # gone.mp4

@@ -86,9 +86,10 @@ def one_device():
   return _two_steps((1, 1, 1, 1), devices=[jax.devices()[0]])
 
 
+# Every axis, each scheme of context parallelism (attention alone is tested on more meshes in
+# test_context.py; pure data parallelism in the multi-process tests).
 @pytest.mark.parametrize("mesh_shape, scheme", [
-    ((8, 1, 1, 1), "ulysses"), ((1, 8, 1, 1), "ulysses"), ((2, 2, 2, 1), "ulysses"),
-    ((1, 2, 1, 4), "ulysses"), ((1, 1, 1, 8), "ulysses"), ((1, 1, 1, 8), "ring"), ((1, 2, 2, 2), "ring"),
+    ((1, 8, 1, 1), "ulysses"), ((2, 2, 2, 1), "ulysses"), ((1, 2, 1, 4), "ulysses"), ((1, 1, 1, 8), "ring"),
 ])
 def test_two_train_steps_match_one_device(one_device, mesh_shape, scheme):
   loss, params = _two_steps(mesh_shape, f"--config.model.context_parallel={scheme}")
@@ -185,6 +186,4 @@ def test_memory_per_device_shrinks_with_fsdp_and_sequence():
   one, fsdp8 = analysis(1, 1, 1), analysis(1, 8, 1)
   # Arguments are the state and a batch of 8 uint8 clips; the state dominates.
   assert fsdp8.argument_size_in_bytes <= 1.2 / 8 * one.argument_size_in_bytes
-  temps = [analysis(1, 1, s).temp_size_in_bytes for s in (2, 8)]
-  assert one.temp_size_in_bytes > temps[0] > temps[1]
-  assert temps[1] < 0.35 * one.temp_size_in_bytes
+  assert analysis(1, 1, 8).temp_size_in_bytes < 0.35 * one.temp_size_in_bytes
