@@ -123,7 +123,7 @@ def test_dit_trains_on_the_latents_of_a_vae_checkpoint(latent_dit):
   cfg = config.from_json(open(workdir / "config.json").read())
   assert config.num_tokens(cfg) == 2 * 2 * 2          # 5x32x32 clips -> 2x4x4 latents, patch 1x2x2
   _, abstract = state_lib.abstract_model(cfg)
-  assert abstract["patch_embedding"]["kernel"].shape[0] == 2 * 2 * 4    # patch 1x2x2 of the VAE's 4 channels
+  assert abstract["patch_embedding"]["kernel"].shape[0] == 2 * 2 * (4 + 1)   # patch 1x2x2 of 4 channels + the known mask
   # The DiT's checkpoint holds no VAE parameters: those stay in the VAE's run.
   ckpt = ckpt_lib.Checkpointer(str(workdir))
   assert ckpt.all_steps() == [2]
