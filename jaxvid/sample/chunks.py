@@ -107,7 +107,9 @@ class Work:
   def add(self, chunk: int, frames: np.ndarray) -> None:
     """Takes the uint8 [T, H, W, 3] frames chunk `chunk` made."""
     assert chunk == self.added, (chunk, self.added)
-    if self.item.mode in ("inpaint", "restyle"):
+    if self.item.mode == "inpaint":   # the part outside the region as given (through a VAE too)
+      self._parts = [np.where(self._region[..., None], frames, self._parts[0][:len(frames)])]
+    elif self.item.mode == "restyle":
       self._parts = [frames]
     else:
       self._parts.append(frames[self._given:])

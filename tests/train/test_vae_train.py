@@ -150,15 +150,17 @@ def test_sampling_noise_decodes_through_the_vae(trained_vae):
 
 
 def test_jaxvid_sample_decodes_and_extends_through_the_vae(latent_dit, tmp_path):
-  """Text-to-video and extension through the VAE: the clip's frames come out as given and the
-  new ones follow (one latent frame of context: 1 + 4 k pixel frames)."""
+  """Text-to-video, extension and in-painting through the VAE: the given frames and pixels come
+  out as given (one latent frame of context: 1 + 4 k pixel frames)."""
   from jaxvid.sample import writer
   clip = synthetic.render(synthetic.make_scene(0, 1), 5, 32, 32)
   writer.write_mp4(tmp_path / "clip.mp4", clip, fps=8)
   given = writer.read_mp4(tmp_path / "clip.mp4")
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text(json.dumps({"prompt": "a red circle moving left on a gray background", "id": "t2v"}) + "\n" +
-                     json.dumps({"prompt": "a red circle", "id": "ext", "video": "clip.mp4", "extend": 8}) + "\n")
+                     json.dumps({"prompt": "a red circle", "id": "ext", "video": "clip.mp4", "extend": 8}) + "\n" +
+                     json.dumps({"prompt": "a red circle", "id": "inp", "video": "clip.mp4", "mask": [[8, 8, 24, 24]]}) +
+                     "\n")
   out = tmp_path / "samples"
   assert cli.main(["sample", "--workdir", str(latent_dit), "--prompts", str(prompts), "--output", str(out)]) == 0
   assert writer.read_mp4(out / "t2v.mp4").shape == (5, 32, 32, 3)
@@ -167,6 +169,11 @@ def test_jaxvid_sample_decodes_and_extends_through_the_vae(latent_dit, tmp_path)
   # The clip itself is pasted back (up to re-encoding); the rest is new.
   assert np.abs(extended[:5].astype(int) - given).mean() < 3.0
   assert json.loads((out / "ext.json").read_text())["mode"] == "extend"
+  # In-painting: outside the box the clip as given (pasted back, not the VAE's reconstruction).
+  inpainted = writer.read_mp4(out / "inp.mp4").astype(int)
+  outside = np.ones((32, 32), bool)
+  outside[8:24, 8:24] = False
+  assert np.abs(inpainted - given)[:, outside].mean() < 3.0
 
 
 def test_latent_cache_through_the_vae(trained_vae, tmp_path):
