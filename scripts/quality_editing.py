@@ -5,7 +5,8 @@ extension, image-to-video and long videos, each through the real `jaxvid sample`
 
 On held-out scenes (combinations of color, shape, direction and background never trained on):
 
-  extend          the first half of a real clip (video.frames / 2 frames) is extended by as many;
+  extend          the first K = sample.context_frames frames of a real clip (default about half) are
+                  extended to video.frames;
                   the direction of the object in the new frames, read from pixels
                   (synthetic.detect), should be the clip's
   image-to-video  the first frame of a real clip and its caption; the object's color in the
@@ -29,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from jaxvid.data import synthetic
+from jaxvid.sample import chunks
 from jaxvid.sample import job
 from jaxvid.sample import writer
 
@@ -42,7 +44,7 @@ def main() -> None:
     p.error(f"unrecognized arguments: {[o for o in overrides if not o.startswith('--config.')]}")
   cfg = job.load_run_config(args.workdir, overrides)
   v = cfg.video
-  half = v.frames // 2
+  half = chunks.context_frames(cfg)       # the given part: the model's context (T / 2 in pixels)
   root = os.path.join(args.workdir, "editing")
   media = os.path.join(root, "inputs")
   os.makedirs(media, exist_ok=True)
@@ -77,7 +79,7 @@ def main() -> None:
     color, _ = synthetic.detect(read(row["id"])[1:])               # the generated frames only
     color_ok += color == s.color
 
-  context = cfg.sample.context_frames or v.frames // 2
+  context = chunks.context_frames(cfg)
   firsts = list(range(v.frames, 4 * v.frames, v.frames - context))   # first new frame of chunks 2, 3, ...
   at_seams, inside = [], []
   for row in long_rows:

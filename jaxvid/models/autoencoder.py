@@ -79,6 +79,10 @@ class Identity:
     """A pixel mask [B, T, H, W, 1] in latent resolution [B, T', H', W', 1]: the same."""
     return mask
 
+  def identity(self) -> str:
+    """What fixes the latents (see VAE.identity)."""
+    return "identity"
+
 
 def write_latent_stats(directory: str, step: int, clips: int, mean: np.ndarray, std: np.ndarray) -> None:
   """Writes LATENT_STATS for the parameters of `step` into `directory` (atomically)."""
@@ -183,6 +187,36 @@ class VAE:
     rest = mask[:, 1:].reshape(b, (t - 1) // tc, tc, h, w, c).min(axis=2)
     cells = jnp.concatenate([mask[:, :1], rest], axis=1)
     return cells.reshape(b, cells.shape[1], h // sc, sc, w // sc, sc, c).min(axis=(3, 5))
+
+
+# A diffusion run's record of the autoencoder it is trained in, beside its config.json:
+# {"checkpoint": absolute path, "identity": VAE.identity()}. Resuming and sampling check it.
+RECORD = "autoencoder.json"
+
+
+def record(ae: "Identity | VAE", workdir: str) -> None:
+  """Writes RECORD into `workdir` (a VAE only; call on one process)."""
+  if ae.name != "vae":
+    return
+  path = os.path.join(workdir, RECORD)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"checkpoint": os.path.abspath(ae.checkpoint), "identity": ae.identity()}, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def check_record(ae: "Identity | VAE", workdir: str) -> None:
+  """Raises UserError if `workdir` was trained in the latents of another VAE than `ae` (its
+  weights or latent statistics changed since, or another checkpoint). No RECORD: nothing to check."""
+  path = os.path.join(workdir, RECORD)
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  if saved["identity"] != ae.identity():
+    raise UserError(f"{workdir} was trained in the latents of the VAE {saved['identity']!r} at {saved['checkpoint']}, "
+                    f"but autoencoder.checkpoint={getattr(ae, 'checkpoint', '')} holds {ae.identity()!r} (trained "
+                    "further, or another VAE); set --config.autoencoder.checkpoint to an export of the VAE the run "
+                    "was trained with, or train in a new --workdir")
 
 
 def make(cfg: ml_collections.ConfigDict) -> Identity | VAE:

@@ -4,7 +4,7 @@ Temporal chunks (exact). A clip of 1 + tc k frames has 1 + k latent frames. With
 the first chunk is 1 + (k mod c) latent frames (1 + tc (k mod c) pixel frames) and every later
 one c latent frames (tc c pixel frames); a `lax.scan` runs the encoder or decoder chunk after
 chunk, carrying each causal convolution's cache (models/vae.py). Memory then depends on the
-chunk, not the clip, and the program compiles once whatever the clip length. Every layer is
+chunk, not the clip, and so does the compiled program (one compile per clip length). Every layer is
 causal and no norm mixes frames, so the chunked result is the whole-clip result up to float
 reassociation (convolutions over other shapes sum in another order: about 1e-6 relative in f32).
 

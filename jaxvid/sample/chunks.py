@@ -42,7 +42,26 @@ def context_frames(cfg: ml_collections.ConfigDict) -> int:
   return max(1, frames // 2)
 
 
-def chunk_count(item: Item, frames: int, context: int) -> int:
+def temporal_compression(cfg: ml_collections.ConfigDict) -> int:
+  """tc of the causal VAE the model works through (1 in pixel space)."""
+  compression = config_lib.clip_compression(cfg)
+  return compression[0] if compression else 1
+
+
+def chunks_of(item: Item, cfg: ml_collections.ConfigDict) -> int:
+  """Chunks that make `item` with the model of `cfg` (see chunk_count)."""
+  return chunk_count(item, cfg.video.frames, context_frames(cfg), temporal_compression(cfg))
+
+
+def given_frames(length: int, context: int, tc: int = 1) -> int:
+  """Frames of a video of `length` given to its next chunk: the last `context`, or through a
+  causal VAE of temporal compression `tc` the last whole latent frames (1 + tc k) of a shorter one."""
+  if length >= context:
+    return context
+  return 1 + tc * ((length - 1) // tc) if length else 0
+
+
+def chunk_count(item: Item, frames: int, context: int, tc: int = 1) -> int:
   """Chunks of `frames` frames that make `item`, continuing with `context` known frames."""
   if item.mode in ("inpaint", "restyle"):
     return 1
@@ -50,7 +69,7 @@ def chunk_count(item: Item, frames: int, context: int) -> int:
   if n == 0:
     n, chunks = frames, 1
   if n < item.frames and n < context:      # a clip shorter than the context: all of it is given
-    n, chunks = n + frames - n, chunks + 1
+    n, chunks = n + frames - given_frames(n, context, tc), chunks + 1
   if n < item.frames:                      # then T - K new frames a chunk
     chunks += -(-(item.frames - n) // (frames - context))
   return chunks
@@ -67,8 +86,8 @@ class Work:
     v = cfg.video
     self.item, self.fps = item, v.fps
     self.shape = (v.frames, v.height, v.width)
-    self.context = context_frames(cfg)
-    self.chunks = chunk_count(item, v.frames, self.context)
+    self.context, self.tc = context_frames(cfg), temporal_compression(cfg)
+    self.chunks = chunks_of(item, cfg)
     self._parts: list[np.ndarray] = []       # uint8 [n_i, H, W, 3]: the video so far, in pieces
     self._length = 0
     self._region: np.ndarray | None = None   # inpaint: bool [T, H, W], True where regenerated
@@ -98,7 +117,7 @@ class Work:
     if mode == "inpaint":
       mask[..., 0] = ~self._region
       return self._parts[0][:t], mask, 1.0
-    self._given = min(self.context, self._length)
+    self._given = given_frames(self._length, self.context, self.tc)
     if self._given:
       known[:self._given] = self._last(self._given)
       mask[:self._given] = 1

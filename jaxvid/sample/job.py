@@ -138,16 +138,18 @@ def check_items(cfg: ml_collections.ConfigDict, items: list[Item]) -> None:
   """Stops on items the model cannot make (editing modes need model.condition=mask)."""
   if cfg.model.condition == "mask":
     return
-  context = chunks_lib.context_frames(cfg)
   for it in items:
-    if it.mode in ("image-to-video", "extend", "inpaint") or chunks_lib.chunk_count(it, cfg.video.frames,
-                                                                                    context) > 1:
+    if it.mode in ("image-to-video", "extend", "inpaint") or chunks_lib.chunks_of(it, cfg) > 1:
       raise UserError(f"item {it.id!r} ({it.mode}, {it.frames} frames) needs a model trained with "
                       "model.condition=mask; this one has none (text-to-video up to video.frames and restyle only)")
 
 
 def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], output: str,
            step: int | None = None) -> None:
+  if cfg.model.name != "dit":
+    raise UserError(f"{workdir} holds a {cfg.model.name!r} model, not a text-to-video DiT; sample from the run "
+                    "trained in its latents (jaxvid train --config configs/tiny.py:latent "
+                    "--config.autoencoder.checkpoint=...)")
   config_lib.validate(cfg, jax.device_count())
   check_items(cfg, items)
   mesh = mesh_lib.make_mesh(cfg)
@@ -157,7 +159,9 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
   shardings = state_lib.param_shardings(abstract_params, mesh, rules)
   params, step = export_lib.load_params(workdir, cfg, ckpt_lib.with_shardings(abstract_params, shardings),
                                         step, "ema" if cfg.sample.use_ema else "params")
-  ae_params = autoencoder.make(cfg).load(mesh)
+  ae = autoencoder.make(cfg)
+  autoencoder.check_record(ae, workdir)
+  ae_params = ae.load(mesh)
 
   folder = writer.OutputFolder(output)
   done = folder.done_entries()
@@ -179,8 +183,7 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
       log.warning("item %s: prompt longer than text.max_len=%d tokens is truncated", it.id, cfg.text.max_len)
   lanes = cfg.sample.batch_size
   lanes += -lanes % (mesh.shape["data"] * mesh.shape["fsdp"])   # whole shards per device
-  context = chunks_lib.context_frames(cfg)
-  counts = [chunks_lib.chunk_count(it, cfg.video.frames, context) for it in todo]
+  counts = [chunks_lib.chunks_of(it, cfg) for it in todo]
   rounds = plan_lanes(counts, lanes)
   row_sharding = lambda ndim: mesh_lib.batch_sharding(mesh, rules, ndim)
   v = cfg.video

@@ -15,7 +15,6 @@ under the final names.
 
 from __future__ import annotations
 
-import glob
 import html
 import json
 import logging
@@ -212,11 +211,14 @@ class OutputFolder:
     # A leading dot keeps temp names apart from sanitized ids; the extension
     # stays last for imageio and ffmpeg. (Not mkstemp: its files are 0600.)
     stem, ext = os.path.splitext(name)
-    # A killed job can leave a temp file of this name behind; one writer owns
-    # a name at a time, so any old temp file of it is stale.
-    for old in glob.glob(os.path.join(
-        glob.escape(self.path), f".{glob.escape(stem)}.tmp-*{ext}")):
-      os.remove(old)
+    # A killed job can leave a temp file of this name behind; in a job one
+    # process writes a name, so an old temp file of exactly this name is stale.
+    stale = re.compile(re.escape(f".{stem}.tmp-") + "[0-9a-f]{12}" + re.escape(ext))
+    for old in filter(stale.fullmatch, os.listdir(self.path)):
+      try:
+        os.remove(os.path.join(self.path, old))
+      except FileNotFoundError:
+        pass
     tmp = os.path.join(self.path, f".{stem}.tmp-{secrets.token_hex(6)}{ext}")
     try:
       write(tmp)

@@ -8,11 +8,13 @@ Layout of an export folder:
   export.json    {"step", "model_hash", "source"}
   params/        an Orbax checkpoint of the EMA parameters (restored straight into shardings)
   ...            what the model family keeps beside its parameters (a VAE: latent_stats.json)
+  autoencoder.json  a DiT trained in a VAE's latents: which VAE (checked when sampling)
 """
 
 import json
 import logging
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -20,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from jaxvid import config as config_lib
 from jaxvid.errors import UserError
+from jaxvid.models import autoencoder
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
 from jaxvid.train import checkpoint as ckpt_lib
@@ -50,6 +53,8 @@ def export(cfg: ml_collections.ConfigDict, params, step: int, source: str, outpu
   if jax.process_index() == 0:
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
+    if os.path.isfile(os.path.join(source, autoencoder.RECORD)):   # the VAE it needs, checked at sampling
+      shutil.copy(os.path.join(source, autoencoder.RECORD), os.path.join(tmp, autoencoder.RECORD))
     with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
       json.dump({"step": step, "model_hash": config_lib.model_hash(cfg), "source": os.path.abspath(source)}, f)
     os.replace(tmp, output)

@@ -132,7 +132,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
     log.info("resumed from %s/%d", checkpointer.directory, latest)
   log.info("model: %s", task.describe(cfg, sum(x.size for x in jax.tree.leaves(abstract.params))))
   # The autoencoder's parameters (none in pixel space), on the mesh: an argument of every step.
-  ae_params = autoencoder.make(cfg).load(mesh)
+  ae = autoencoder.make(cfg)
+  if latest is None:
+    if jax.process_index() == 0:
+      autoencoder.record(ae, workdir)     # which VAE this run's latents come from
+  else:
+    autoencoder.check_record(ae, workdir)
+  ae_params = ae.load(mesh)
 
   # The step, compiled ahead of time once per bucket shape.
   step_fn = step_lib.compile_train_step(task.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,

@@ -16,6 +16,7 @@ import optax
 from jaxvid.data import pipeline
 from jaxvid.diffusion import conditioning
 from jaxvid.diffusion import flow as flow_lib
+from jaxvid.errors import UserError
 from jaxvid.models import autoencoder
 from jaxvid.models import text
 from jaxvid.parallel import mesh as mesh_lib
@@ -93,7 +94,11 @@ def compile_train_step(train_step, mesh: Mesh, rules: sharding.Rules, state_shar
 
 def compile_for_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh) -> jax.stages.Compiled:
   """The train step for `cfg` compiled on `mesh` from abstract inputs (nothing is allocated),
-  for cost and memory analysis (`.memory_analysis()`, `.cost_analysis()`)."""
+  for cost and memory analysis (`.memory_analysis()`, `.cost_analysis()`). A DiT only; a trained
+  VAE it works through is read from its checkpoint (small next to the model)."""
+  if cfg.model.name != "dit":
+    raise UserError(f"compile_for_mesh analyses the DiT's train step, not model.name={cfg.model.name!r}; "
+                    "pass a DiT config (configs/tiny.py, configs/dit.py)")
   rules = sharding.rules_from_config(cfg)
   tx, schedule = state_lib.make_optimizer(cfg)
   graphdef, _, abstract = state_lib.abstract_state(cfg, tx)

@@ -120,3 +120,23 @@ def test_lanes_run_each_chunk_once_in_order_on_one_lane(counts, lanes):
 
 def test_one_chunk_items_fill_rounds_in_order():
   assert plan_lanes([1] * 5, 2) == [[(0, 0), (1, 0)], [(2, 0), (3, 0)], [(4, 0), None]]
+
+
+def test_through_a_vae_context_is_whole_latent_frames(tmp_path):
+  vcfg = config.load(f"{TINY}:latent")                      # T = 9 pixel frames, tc = 4: 3 latent frames
+  assert chunks.context_frames(vcfg) == 5                   # 1 + 4: the first two latent frames
+  config.validate(config.load(f"{TINY}:latent", ["--config.sample.context_frames=5"]), 1)
+  with pytest.raises(config.UserError, match=r"must be 1 \+ 4 k"):
+    config.validate(config.load(f"{TINY}:latent", ["--config.sample.context_frames=4"]), 1)
+  # A 3-frame clip is shorter than the context: only its last whole latent frame (its last
+  # frame) is given, so the new frames follow it at a latent boundary.
+  clip = np.arange(3, dtype=np.uint8)[:, None, None, None] * np.full((1, 32, 32, 3), 60, np.uint8)
+  writer.write_mp4(tmp_path / "clip.mp4", clip, fps=8)
+  work = chunks.Work(_item("extend", frames=13, given=3, video=str(tmp_path / "clip.mp4")), vcfg)
+  seen = _run(work, _numbered)
+  decoded = writer.read_mp4(tmp_path / "clip.mp4")
+  assert work.chunks == 2 and seen[0][1][:, 0, 0, 0].tolist() == [1] + [0] * 8
+  np.testing.assert_array_equal(seen[0][0][0], decoded[2])
+  assert seen[1][1][:, 0, 0, 0].tolist() == [1] * 5 + [0] * 4
+  np.testing.assert_array_equal(work.video[:3], decoded)
+  assert work.video[3:, 0, 0, 0].tolist() == [100] * 8 + [101] * 2

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 from flax import nnx
 import jax
@@ -174,6 +175,25 @@ def test_jaxvid_sample_decodes_and_extends_through_the_vae(latent_dit, tmp_path)
   outside = np.ones((32, 32), bool)
   outside[8:24, 8:24] = False
   assert np.abs(inpainted - given)[:, outside].mean() < 3.0
+
+
+def test_a_run_samples_only_through_the_vae_it_was_trained_with(latent_dit, trained_vae, tmp_path, capsys):
+  record = json.loads((latent_dit / autoencoder.RECORD).read_text())
+  assert record["checkpoint"] == os.path.abspath(trained_vae)
+  prompt = ["--prompt", "a red circle", "--output"]
+  # The VAE run itself is not a text-to-video model.
+  assert cli.main(["sample", "--workdir", str(trained_vae), *prompt, str(tmp_path / "a")]) == 2
+  assert "not a text-to-video DiT" in capsys.readouterr().err
+  # A VAE whose latent statistics changed since (trained further, or another one) is refused.
+  other = tmp_path / "other_vae"
+  shutil.copytree(trained_vae, other)
+  stats = json.loads((other / autoencoder.LATENT_STATS).read_text())
+  stats["std"] = [2 * x for x in stats["std"]]
+  (other / autoencoder.LATENT_STATS).write_text(json.dumps(stats))
+  assert cli.main(["sample", "--workdir", str(latent_dit), *prompt, str(tmp_path / "b"),
+                   f"--config.autoencoder.checkpoint={other}"]) == 2
+  assert "was trained in the latents of the VAE" in capsys.readouterr().err
+  assert not (tmp_path / "b").exists()
 
 
 def test_latent_cache_through_the_vae(trained_vae, tmp_path):
