@@ -20,13 +20,16 @@ mkdir -p "$logs"
 port=${JAXVID_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 echo "local.sh: $n processes x $d CPU devices, coordinator 127.0.0.1:$port, logs in $logs" >&2
 
+# Other XLA flags the caller set are kept; the device count is this script's.
+xla_flags="$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g') --xla_force_host_platform_device_count=$d"
+
 pids=()
 forward() { kill -s "$1" "${pids[@]}" 2>/dev/null; }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
 
 for ((i = 0; i < n; i++)); do
-  env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$d" \
+  env JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" \
     JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$n" JAX_PROCESS_ID="$i" \
     "$@" > >(if ((i == 0)); then cat; else cat > "$logs/process_$i.log"; fi) 2>&1 &
   pids+=($!)
