@@ -7,7 +7,8 @@ marks the frames or pixels given clean, strength is the noise level t the chunk 
   text-to-video   nothing known; longer than T, it continues as below
   image-to-video  the image is frame 0 of the first chunk, then as below
   extend          every chunk is given the last K frames of the video so far (K =
-                  sample.context_frames, default T / 2; all of them if there are fewer) and
+                  sample.context_frames, default T / 2; all of them if there are fewer, through
+                  a VAE their last whole latent frames) and
                   adds T - K new ones, until the video has its length
   inpaint         the video's first T frames, known outside the mask's region
   restyle         the video's first T frames, noised to t = strength; nothing known
@@ -68,7 +69,7 @@ def chunk_count(item: Item, frames: int, context: int, tc: int = 1) -> int:
   n, chunks = item.given, 0
   if n == 0:
     n, chunks = frames, 1
-  if n < item.frames and n < context:      # a clip shorter than the context: all of it is given
+  if n < item.frames and n < context:      # a clip shorter than the context: all given (see given_frames)
     n, chunks = n + frames - given_frames(n, context, tc), chunks + 1
   if n < item.frames:                      # then T - K new frames a chunk
     chunks += -(-(item.frames - n) // (frames - context))
