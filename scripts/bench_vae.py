@@ -18,10 +18,7 @@ decode throughput (median of `--reps` after a warm-up) at the training shape and
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 
 import jax
@@ -31,6 +28,8 @@ from jaxvid import config as config_lib
 from jaxvid.data import synthetic
 from jaxvid.models import autoencoder
 from jaxvid.train import video_quality
+
+import budget   # scripts/budget.py
 
 
 def _autoencoder(run: str, chunk: int = 0, tile: int = 0, overlap: int = 2):
@@ -98,19 +97,9 @@ def main() -> None:
     p.error(f"unrecognized arguments: {[o for o in overrides if not o.startswith('--config.')]}")
   os.makedirs(args.workdir, exist_ok=True)
 
-  t0 = time.time()
   steps = [f"--config.train.steps={args.steps}"] if args.steps else []
-  train = subprocess.Popen([sys.executable, "-m", "jaxvid", "train", "--config", args.config, "--workdir",
-                            args.workdir, *steps, *args.overrides])
-  try:
-    train.wait(timeout=args.minutes * 60)
-  except subprocess.TimeoutExpired:
-    print(f"bench_vae: {args.minutes} minutes are up; stopping training (it saves a checkpoint)", flush=True)
-    train.send_signal(signal.SIGTERM)
-    train.wait()
-  if train.returncode:
-    sys.exit(f"bench_vae: jaxvid train failed with exit status {train.returncode}")
-  train_s = time.time() - t0
+  train_s = budget.train_for("bench_vae", args.minutes,
+                             ["--config", args.config, "--workdir", args.workdir, *steps, *args.overrides])
 
   with open(os.path.join(args.workdir, "config.json")) as f:
     cfg = config_lib.from_json(f.read())

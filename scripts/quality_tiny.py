@@ -14,7 +14,6 @@ WORKDIR/quality.json, with a picture of samples in WORKDIR/samples.png.
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from PIL import Image
 
 from jaxvid.data import synthetic
 from jaxvid.sample import writer
+
+import budget   # scripts/budget.py
 
 
 def main() -> None:
@@ -39,18 +40,8 @@ def main() -> None:
     p.error(f"unrecognized arguments: {[o for o in overrides if not o.startswith('--config.')]}")
   os.makedirs(args.workdir, exist_ok=True)
 
-  t0 = time.time()
-  train = subprocess.Popen([sys.executable, "-m", "jaxvid", "train", "--config", args.config, "--workdir",
-                            args.workdir, f"--config.train.steps={args.steps}", *args.overrides])
-  try:
-    train.wait(timeout=args.minutes * 60)
-  except subprocess.TimeoutExpired:
-    print(f"quality_tiny: {args.minutes} minutes are up; stopping training (it saves a checkpoint)", flush=True)
-    train.send_signal(signal.SIGTERM)
-    train.wait()
-  if train.returncode:
-    sys.exit(f"quality_tiny: jaxvid train failed with exit status {train.returncode}")
-  train_s = time.time() - t0
+  train_s = budget.train_for("quality_tiny", args.minutes, ["--config", args.config, "--workdir", args.workdir,
+                                                            f"--config.train.steps={args.steps}", *args.overrides])
 
   scenes = synthetic.heldout_scenes(args.prompts, seed=1234)
   prompts = os.path.join(args.workdir, "heldout_prompts.jsonl")

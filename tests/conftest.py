@@ -84,3 +84,31 @@ def trained_vae(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("vae") / "run"
   assert train_vae_small(workdir, "--config.train.steps=4", "--config.checkpoint.every=2") == 0
   return workdir
+
+
+def compiled_train_step(cfg, devices=None):
+  """What `jaxvid train` builds for `cfg` on `devices` (default all), in this process:
+  a namespace of graphdef, state (created sharded), step (compiled for the first bucket),
+  loader and mesh. The family's step comes from jaxvid.train.tasks."""
+  import types
+
+  import jax
+  from jaxvid import config
+  from jaxvid.data import pipeline
+  from jaxvid.parallel import mesh as mesh_lib
+  from jaxvid.parallel import sharding
+  from jaxvid.train import state as state_lib
+  from jaxvid.train import step as step_lib
+  from jaxvid.train import tasks
+  devices = devices or jax.devices()
+  config.validate(cfg, len(devices), train=True)
+  mesh = mesh_lib.make_mesh(cfg, devices)
+  rules = sharding.rules_from_config(cfg)
+  tx, schedule = state_lib.make_optimizer(cfg)
+  graphdef, init, abstract = state_lib.abstract_state(cfg, tx)
+  shardings = state_lib.state_shardings(abstract, mesh, rules)
+  loader = pipeline.Loader(cfg, mesh, rules)
+  step = step_lib.compile_train_step(tasks.get(cfg).make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
+                                     shardings, loader.shardings(pipeline.batch_spec(cfg)))
+  return types.SimpleNamespace(graphdef=graphdef, state=state_lib.create(init, shardings), step=step,
+                               loader=loader, mesh=mesh)

@@ -15,6 +15,7 @@ under the final names.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
@@ -215,10 +216,8 @@ class OutputFolder:
     # process writes a name, so an old temp file of exactly this name is stale.
     stale = re.compile(re.escape(f".{stem}.tmp-") + "[0-9a-f]{12}" + re.escape(ext))
     for old in filter(stale.fullmatch, os.listdir(self.path)):
-      try:
+      with contextlib.suppress(FileNotFoundError):   # removed meanwhile
         os.remove(os.path.join(self.path, old))
-      except FileNotFoundError:
-        pass
     tmp = os.path.join(self.path, f".{stem}.tmp-{secrets.token_hex(6)}{ext}")
     try:
       write(tmp)

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import SMALL, TINY
+from conftest import SMALL, TINY, compiled_train_step
 from mixed_items import assert_same_videos, write_mixed_prompts
 from jaxvid import config
-from jaxvid.data import pipeline
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
 from jaxvid.train import state as state_lib
@@ -65,19 +64,9 @@ def _two_steps(mesh_shape, *overrides, devices=None):
   """Loss of the 2nd step and the parameters after it, on the given mesh."""
   cfg = config.load(TINY, SMALL + list(HEADS8) + list(overrides) + [
       f"--config.mesh.{a}={s}" for a, s in zip(config.MESH_AXES, mesh_shape)])
-  devices = devices or jax.devices()
-  config.validate(cfg, len(devices), train=True)
-  mesh = mesh_lib.make_mesh(cfg, devices)
-  rules = sharding.rules_from_config(cfg)
-  tx, schedule = state_lib.make_optimizer(cfg)
-  graphdef, init, abstract = state_lib.abstract_state(cfg, tx)
-  shardings = state_lib.state_shardings(abstract, mesh, rules)
-  state = state_lib.create(init, shardings)
-  loader = pipeline.Loader(cfg, mesh, rules)
-  step = step_lib.compile_train_step(step_lib.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
-                                     shardings, loader.shardings(pipeline.batch_spec(cfg)))
-  state, metrics = step(state, next(loader), {})
-  state, metrics = step(state, next(loader), {})
+  t = compiled_train_step(cfg, devices)
+  state, metrics = t.step(t.state, next(t.loader), {})
+  state, metrics = t.step(state, next(t.loader), {})
   return float(metrics["loss"]), jax.tree.map(np.asarray, state.params)
 
 

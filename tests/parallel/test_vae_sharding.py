@@ -5,34 +5,19 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import VAE, VAE_SMALL
+from conftest import VAE, VAE_SMALL, compiled_train_step
 from jaxvid import config
-from jaxvid.data import pipeline
-from jaxvid.parallel import mesh as mesh_lib
-from jaxvid.parallel import sharding
-from jaxvid.train import state as state_lib
-from jaxvid.train import step as step_lib
-from jaxvid.train import vae_step
 
 
 def _two_steps(mesh_shape, devices):
   cfg = config.load(f"{VAE}:S", VAE_SMALL + [f"--config.mesh.{a}={s}" for a, s in zip(config.MESH_AXES, mesh_shape)])
-  config.validate(cfg, len(devices), train=True)
-  mesh = mesh_lib.make_mesh(cfg, devices)
-  rules = sharding.rules_from_config(cfg)
-  tx, schedule = state_lib.make_optimizer(cfg)
-  graphdef, init, abstract = state_lib.abstract_state(cfg, tx)
-  shardings = state_lib.state_shardings(abstract, mesh, rules)
-  state = state_lib.create(init, shardings)
-  loader = pipeline.Loader(cfg, mesh, rules)
-  step = step_lib.compile_train_step(vae_step.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
-                                     shardings, loader.shardings(pipeline.batch_spec(cfg)))
-  batch = next(loader)
-  assert batch["video"].sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 5) or mesh.size == 1
-  state, metrics = step(state, batch, {})
-  state, metrics = step(state, next(loader), {})
+  t = compiled_train_step(cfg, devices)
+  batch = next(t.loader)
+  assert batch["video"].sharding.is_equivalent_to(NamedSharding(t.mesh, P(("data", "fsdp"))), 5) or t.mesh.size == 1
+  state, metrics = t.step(t.state, batch, {})
+  state, metrics = t.step(state, next(t.loader), {})
   for leaf in jax.tree.leaves(state.params):
-    assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, P()), leaf.ndim)
+    assert leaf.sharding.is_equivalent_to(NamedSharding(t.mesh, P()), leaf.ndim)
   return float(metrics["loss"]), jax.tree.map(np.asarray, state.params)
 
 

@@ -9,16 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conftest import SMALL, TINY, train_small
+from conftest import SMALL, TINY, compiled_train_step, train_small
 from jaxvid import config
-from jaxvid.data import pipeline
 from jaxvid.diffusion import flow as flow_lib
 from jaxvid.models import autoencoder
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
 from jaxvid.train import checkpoint as ckpt_lib
 from jaxvid.train import state as state_lib
-from jaxvid.train import step as step_lib
 
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "steps_per_sec", "tokens_per_sec", "time"}
 
@@ -105,16 +103,9 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_flow_loss_decreases_when_overfitting_one_batch():
   cfg = config.load(TINY, SMALL + ["--config.optim.lr=3e-3", "--config.text.drop_rate=0.0",
                                    "--config.optim.warmup_steps=1", "--config.train.steps=40"])
-  mesh = mesh_lib.make_mesh(cfg)
-  rules = sharding.rules_from_config(cfg)
-  tx, schedule = state_lib.make_optimizer(cfg)
-  graphdef, init, abstract = state_lib.abstract_state(cfg, tx)
-  shardings = state_lib.state_shardings(abstract, mesh, rules)
-  state = state_lib.create(init, shardings)
-  loader = pipeline.Loader(cfg, mesh, rules)
-  batch = next(loader)
-  step = step_lib.compile_train_step(step_lib.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
-                                     shardings, loader.shardings(pipeline.batch_spec(cfg)))
+  t = compiled_train_step(cfg)
+  graphdef, state, step = t.graphdef, t.state, t.step
+  batch = next(t.loader)
   flow = flow_lib.Flow.from_config(cfg)
 
   @jax.jit

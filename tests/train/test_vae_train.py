@@ -10,15 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import LATENT_SMALL, TINY, VAE, VAE_SMALL, train_vae_small
+from conftest import LATENT_SMALL, TINY, VAE, VAE_SMALL, compiled_train_step, train_vae_small
 from jaxvid import cli, config
 from jaxvid.data import pipeline, synthetic
 from jaxvid.models import autoencoder
 from jaxvid.parallel import mesh as mesh_lib
-from jaxvid.parallel import sharding
 from jaxvid.train import checkpoint as ckpt_lib
 from jaxvid.train import state as state_lib
-from jaxvid.train import vae_step
 from jaxvid.train import video_quality
 
 
@@ -55,17 +53,8 @@ def test_vae_resume_matches_an_uninterrupted_run(tmp_path):
 def _setup(*overrides):
   """State, compiled step and loader of VAE_SMALL on one device (compiles faster than 8)."""
   cfg = config.load(f"{VAE}:S", VAE_SMALL + list(overrides))
-  config.validate(cfg, 1, train=True)
-  mesh = mesh_lib.make_mesh(cfg, jax.devices()[:1])
-  rules = sharding.rules_from_config(cfg)
-  tx, schedule = state_lib.make_optimizer(cfg)
-  graphdef, init, abstract = state_lib.abstract_state(cfg, tx)
-  shardings = state_lib.state_shardings(abstract, mesh, rules)
-  loader = pipeline.Loader(cfg, mesh, rules)
-  from jaxvid.train import step as step_lib
-  step = step_lib.compile_train_step(vae_step.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
-                                     shardings, loader.shardings(pipeline.batch_spec(cfg)))
-  return cfg, graphdef, state_lib.create(init, shardings), step, loader
+  t = compiled_train_step(cfg, jax.devices()[:1])
+  return cfg, t.graphdef, t.state, t.step, t.loader
 
 
 def test_a_few_steps_reduce_the_reconstruction_loss():
