@@ -5,7 +5,9 @@
 
 Temporal compression 4 and spatial 8 (clips of 1 + 4k frames, sides divisible by 8), 16 latent
 channels, 4x4 pixel patches folded into channels first, RMS norms, an MSE reconstruction loss
-(on a fixed batch it reached 26 dB in 300 steps where L1 reached 15) plus a small KL. Variant
+(on a fixed batch it reached 26 dB in 300 steps where L1 reached 15) plus a small KL, and
+parameter-free shortcuts around every resampling (`vae.shortcuts`: held-out PSNR 18.5 vs 13.7 dB
+at step 250, 23.2 vs 22.2 dB after about 2,000 steps of the 32-wide S). Variant
 sizes are a table, not copied files; everything else comes from `base_config()` (the vae.* keys
 there list every option).
 `S` trains on the built-in synthetic clips at 9 x 32 x 32 (as `configs/tiny.py:latent` uses them;
@@ -16,9 +18,11 @@ training stops.
 
 from jaxvid import config as config_lib
 
-# name: (channels, channel_mult, blocks per stage, batch)
+# name: (channels, channel_mult, blocks per stage, batch). Stage widths are channels * channel_mult;
+# the first is at least 48, the values of one 4x4 RGB patch, so it can carry them all (S: 48, 64, 64;
+# with widths 32, 64, 64 held-out PSNR was 0.25 dB lower at the same step, for 15% less time a step).
 VARIANTS = {
-    "S": (32, (1, 2, 2), 1, 8),
+    "S": (16, (3, 4, 4), 1, 8),
     "B": (64, (1, 2, 4), 2, 32),
     "L": (128, (1, 2, 4), 2, 64),
 }
@@ -31,7 +35,7 @@ def get_config(arg: str = "S"):
   c = config_lib.base_config()
   c.model.name = "vae"
   c.vae.update(channels=channels, channel_mult=mult, blocks=blocks, latent_channels=16, temporal_compression=4,
-               spatial_compression=8, patch=4, norm="rms", l1=0.0, mse=1.0, kl=1e-6, eval_every=250,
+               spatial_compression=8, patch=4, norm="rms", shortcuts=True, l1=0.0, mse=1.0, kl=1e-6, eval_every=250,
                eval_clips=32, stats_clips=64)
   c.video.update(frames=9, height=32, width=32, channels=3, fps=8)
   c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.0, ema_decay=0.999)

@@ -139,15 +139,17 @@ def base_config() -> ConfigDict:
   # A causal 3D convolutional VAE (models/vae.py), trained with model.name="vae" (configs/vae.py).
   # Architecture: p x p pixel patches folded into channels (p = `patch`), then stages of widths
   # channels * channel_mult (len = 1 + max(log2(temporal_compression), log2(spatial_compression / patch))),
-  # `blocks` residual blocks per stage, `norm` "rms" (per position) or "group" (per frame, `groups` groups).
+  # `blocks` residual blocks per stage, `norm` "rms" (per position) or "group" (per frame, `groups` groups);
+  # `shortcuts`: parameter-free shortcuts around every down/upsampling and the latent (DC-AE style; they need
+  # latent_channels to divide the last stage's width).
   # Loss: l1 |x - x'| + mse (x - x')^2 + kl KL (means over elements) + ssim (1 - SSIM) + adversarial
   # (hinge GAN with a 3D patch discriminator, from step adversarial_start). Held-out PSNR/SSIM on
   # eval_clips clips (synthetic: unseen combinations; files: of eval_manifest; 0: none) every eval_every
   # steps (0: at the end only); per-channel latent statistics over stats_clips training clips.
   c.vae = ConfigDict(dict(
       channels=64, channel_mult=(1, 2, 2), blocks=1, latent_channels=16, temporal_compression=4,
-      spatial_compression=8, patch=4, norm="rms", groups=8, dtype="float32", param_dtype="float32",
-      l1=0.0, mse=1.0, kl=1e-6, ssim=0.0, adversarial=0.0, adversarial_start=0,
+      spatial_compression=8, patch=4, norm="rms", groups=8, shortcuts=False, dtype="float32",
+      param_dtype="float32", l1=0.0, mse=1.0, kl=1e-6, ssim=0.0, adversarial=0.0, adversarial_start=0,
       eval_every=0, eval_clips=32, eval_manifest="", stats_clips=64))
 
   # Multi-host (see parallel/distributed.py); the environment can supply all of it.
@@ -463,6 +465,9 @@ def validate_autoencoder(cfg: ConfigDict) -> None:
       raise UserError("vae.channels, vae.blocks and vae.latent_channels must be at least 1")
     if v.norm not in VAE_NORMS:
       raise UserError(f"vae.norm={v.norm!r} must be one of {VAE_NORMS}")
+    if v.shortcuts and v.channels * v.channel_mult[-1] % v.latent_channels:
+      raise UserError(f"vae.shortcuts needs vae.latent_channels={v.latent_channels} to divide the last stage's "
+                      f"width vae.channels * vae.channel_mult[-1] = {v.channels * v.channel_mult[-1]}")
     if v.norm == "group" and any(v.channels * mult % v.groups for mult in v.channel_mult):
       raise UserError(f"vae.groups={v.groups} must divide every stage width vae.channels * vae.channel_mult")
     for key in ("dtype", "param_dtype"):
@@ -543,7 +548,7 @@ def _tuples(value):
 
 # vae.* keys that fix a VAE's parameters (the rest is how it computes and trains).
 VAE_ARCHITECTURE = ("channels", "channel_mult", "blocks", "latent_channels", "temporal_compression",
-                    "spatial_compression", "patch", "norm", "groups", "param_dtype")
+                    "spatial_compression", "patch", "norm", "groups", "shortcuts", "param_dtype")
 
 
 def model_hash(cfg: ConfigDict) -> str:
@@ -554,7 +559,8 @@ def model_hash(cfg: ConfigDict) -> str:
 def _model_keys(cfg: ConfigDict) -> dict:
   """The flat {key: value} that fixes the parameters (not how the model runs)."""
   if cfg.model.name == "vae":   # the VAE's architecture (a discriminator exists only with an adversarial loss)
-    keys = {f"vae.{k}": cfg.vae[k] for k in VAE_ARCHITECTURE}
+    # shortcuts=False is left out, so VAEs trained before the key existed keep their hash.
+    keys = {f"vae.{k}": cfg.vae[k] for k in VAE_ARCHITECTURE if k != "shortcuts" or cfg.vae.shortcuts}
     keys.update({"model.name": "vae", "vae.discriminator": cfg.vae.adversarial > 0})
     return keys
   keys = {f"model.{k}": v for k, v in cfg.model.items() if k not in ("dtype", "remat", "attention", "context_parallel")}

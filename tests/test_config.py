@@ -1,6 +1,7 @@
 """Config loading, overrides and every bad-config error path."""
 
 import glob
+import hashlib
 import json
 import os
 
@@ -132,6 +133,17 @@ def test_model_hash_ignores_how_it_runs_not_what_it_is():
   assert config.model_hash(a) == config.model_hash(b)
   assert config.model_hash(a) != config.model_hash(c)
   assert "model.width: saved 128, now 256" in config.model_diffs(a, c)
+
+
+def test_vae_shortcuts_change_the_hash_only_when_on():
+  """vae.shortcuts changes the function, so it is part of the hash; off, it is left out, so VAEs
+  trained before the key existed keep theirs."""
+  vae = os.path.join(REPO, "configs", "vae.py") + ":S"
+  off, on = config.load(vae, ["--config.vae.shortcuts=False"]), config.load(vae, ["--config.vae.shortcuts=True"])
+  assert config.model_hash(off) != config.model_hash(on)
+  keys = {f"vae.{k}": off.vae[k] for k in config.VAE_ARCHITECTURE if k != "shortcuts"}
+  keys.update({"model.name": "vae", "vae.discriminator": False})
+  assert config.model_hash(off) == hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @pytest.mark.parametrize("argv, words", [

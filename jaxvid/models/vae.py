@@ -11,7 +11,11 @@ tc (`vae.temporal_compression`) and sc (`vae.spatial_compression`) are powers of
 cheaper), then `conv_in`, one stage per resolution (`vae.blocks` residual blocks, then a
 downsample, 2x in time and/or space: the last log2(tc) downsamples halve time and the last
 log2(sc / p) halve space), one middle residual block, a norm and `conv_out`. The decoder
-mirrors it and unfolds channels back into p x p patches.
+mirrors it and unfolds channels back into p x p patches. With `vae.shortcuts` every resampling
+and the latent itself also get a parameter-free shortcut (DC-AE's residual autoencoding:
+averages of pixels, frame pairs or channel groups on the way down, repeats on the way up), so
+each learned layer only adds a residual to a fixed down/upsampling; measured on the S VAE:
+held-out PSNR 18.5 vs 13.7 dB at step 250.
 
 Causal in time: every convolution sees only the current and earlier frames (the past is
 zero-padded), and the temporal resampling keeps the first frame on its own. So latent frame 0
@@ -137,40 +141,61 @@ class ResBlock(nnx.Module):
 
 class Downsample(nnx.Module):
   """2x in space if `spatial` (a stride-2 3x3 conv), then 2x in time if `temporal` (a causal
-  stride-2 conv over 3 frames: 1 + 2k frames -> 1 + k)."""
+  stride-2 conv over 3 frames: 1 + 2k frames -> 1 + k).
 
-  def __init__(self, dim: int, temporal: bool, spatial: bool, *, dtype, param_dtype):
+  With `shortcut` each conv adds a parameter-free shortcut of its input (as DC-AE's residual
+  autoencoding): the 2x2 average in space; in time the first frame of a clip on its own, then
+  the mean of each pair of frames (a clip chunk of odd length starts the clip; chunks after
+  it have even lengths, so pairs never cross a chunk boundary and need no cache)."""
+
+  def __init__(self, dim: int, temporal: bool, spatial: bool, *, shortcut: bool = False, dtype, param_dtype):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.spatial = CausalConv3d(dim, dim, (1, 3, 3), (1, 2, 2), **kw) if spatial else None
     self.temporal = CausalConv3d(dim, dim, (3, 1, 1), (2, 1, 1), **kw) if temporal else None
+    self.shortcut = shortcut
 
   def __call__(self, x: jax.Array, cache: Cache = None) -> tuple[jax.Array, Cache]:
     if self.spatial is not None:
-      x, _ = self.spatial(x)
+      y, _ = self.spatial(x)
+      if self.shortcut:
+        b, t, h, w, c = x.shape
+        y = y + x.reshape(b, t, h // 2, 2, w // 2, 2, c).mean(axis=(3, 5)).astype(y.dtype)
+      x = y
     if self.temporal is None:
       return x, None
-    return self.temporal(x, cache)
+    y, cache = self.temporal(x, cache)
+    if self.shortcut:
+      b, t, h, w, c = x.shape
+      head, pairs = x[:, :t % 2], x[:, t % 2:]
+      pairs = pairs.reshape(b, pairs.shape[1] // 2, 2, h, w, c).mean(axis=2)
+      y = y + jnp.concatenate([head, pairs], axis=1).astype(y.dtype)
+    return y, cache
 
 
 class Upsample(nnx.Module):
   """2x in time if `temporal` (a causal conv to 2C channels, each frame unfolded into two;
   the clip's very first frame stays one, so 1 + k frames -> 1 + 2k), then 2x in space if
-  `spatial` (nearest neighbour, then a 3x3 conv)."""
+  `spatial` (nearest neighbour, then a 3x3 conv). With `shortcut` each adds its input repeated
+  (each frame twice, each pixel 2x2), the inverse of Downsample's shortcut."""
 
-  def __init__(self, dim: int, temporal: bool, spatial: bool, *, dtype, param_dtype):
+  def __init__(self, dim: int, temporal: bool, spatial: bool, *, shortcut: bool = False, dtype, param_dtype):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.temporal = CausalConv3d(dim, 2 * dim, (3, 1, 1), **kw) if temporal else None
     self.spatial = CausalConv3d(dim, dim, (1, 3, 3), **kw) if spatial else None
+    self.shortcut = shortcut
 
   def __call__(self, x: jax.Array, cache: Cache = None, first: bool = True) -> tuple[jax.Array, Cache]:
     if self.temporal is not None:
       y, cache = self.temporal(x, cache)
       b, t, h, w, c2 = y.shape
-      x = y.reshape(b, t, h, w, 2, c2 // 2).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c2 // 2)
-      if first:   # the clip's first latent frame decodes to one frame
-        x = x[:, 1:]
+      y = y.reshape(b, t, h, w, 2, c2 // 2).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c2 // 2)
+      if self.shortcut:
+        y = y + jnp.repeat(x, 2, axis=1).astype(y.dtype)
+      x = y[:, 1:] if first else y   # the clip's first latent frame decodes to one frame
     if self.spatial is not None:
-      x, _ = self.spatial(jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3))
+      up = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+      y, _ = self.spatial(up)
+      x = y + up if self.shortcut else y
     return x, cache
 
 
@@ -223,12 +248,12 @@ class Encoder(nnx.Module):
         blocks.append(ResBlock(width, w, **bkw))
         width = w
       if i < len(widths) - 1:
-        downs.append(Downsample(w, *halves[i], **kw))
+        downs.append(Downsample(w, *halves[i], shortcut=v.shortcuts, **kw))
     self.blocks, self.downs = nnx.List(blocks), nnx.List(downs)
     self.mid = ResBlock(width, width, **bkw)
     self.norm_out = NORMS[v.norm](width, groups=v.groups, param_dtype=kw["param_dtype"])
     self.conv_out = CausalConv3d(width, 2 * v.latent_channels, **kw)
-    self.per_stage = v.blocks
+    self.per_stage, self.shortcuts = v.blocks, v.shortcuts
 
   def __call__(self, x: jax.Array, cache: Cache = None) -> tuple[jax.Array, list]:
     """x [B, T, H, W, 3]; cache from the previous chunk of the same clips, or None."""
@@ -241,8 +266,13 @@ class Encoder(nnx.Module):
       if (i + 1) % self.per_stage == 0 and stage < len(self.downs):
         x, c_downs[stage] = self.downs[stage](x, c_downs[stage])
     x, c_mid = self.mid(x, c[3])
-    x, c_out = self.conv_out(jax.nn.silu(self.norm_out(x)), c[4])
-    return x.astype(jnp.float32), [c_in, c_blocks, c_downs, c_mid, c_out]
+    moments, c_out = self.conv_out(jax.nn.silu(self.norm_out(x)), c[4])
+    moments = moments.astype(jnp.float32)
+    if self.shortcuts:   # the mean also gets the features averaged over groups of width / Z channels
+      z = moments.shape[-1] // 2
+      shortcut = x.astype(jnp.float32).reshape(*x.shape[:-1], z, x.shape[-1] // z).mean(-1)
+      moments = jnp.concatenate([moments[..., :z] + shortcut, moments[..., z:]], axis=-1)
+    return moments, [c_in, c_blocks, c_downs, c_mid, c_out]
 
 
 class Decoder(nnx.Module):
@@ -261,17 +291,19 @@ class Decoder(nnx.Module):
         blocks.append(ResBlock(width, widths[i], **bkw))
         width = widths[i]
       if i > 0:
-        ups.append(Upsample(width, *halves[i - 1], **kw))
+        ups.append(Upsample(width, *halves[i - 1], shortcut=v.shortcuts, **kw))
     self.blocks, self.ups = nnx.List(blocks), nnx.List(ups)
     self.norm_out = NORMS[v.norm](width, groups=v.groups, param_dtype=kw["param_dtype"])
     self.conv_out = CausalConv3d(width, 3 * v.patch ** 2, **kw)
-    self.per_stage, self.patch = v.blocks + 1, v.patch
+    self.per_stage, self.patch, self.shortcuts = v.blocks + 1, v.patch, v.shortcuts
 
   def __call__(self, z: jax.Array, cache: Cache = None, first: bool = True) -> tuple[jax.Array, list]:
     """z [B, T', H', W', Z]; `first`: this chunk starts the clip (its first latent frame decodes
     to one frame); cache from the previous chunk, or None."""
     c = cache or [None, None, [None] * len(self.blocks), [None] * len(self.ups), None]
     x, c_in = self.conv_in(_constrain(z), c[0])
+    if self.shortcuts:   # each latent channel repeated over width / Z channels (the inverse of the encoder's)
+      x = x + jnp.repeat(z, x.shape[-1] // z.shape[-1], axis=-1).astype(x.dtype)
     x, c_mid = self.mid(x, c[1])
     c_blocks, c_ups = list(c[2]), list(c[3])
     for i, block in enumerate(self.blocks):

@@ -65,9 +65,9 @@ def test_shapes():
   assert decode(mean).shape == (1, 7, 32, 32, 3)
 
 
-@pytest.mark.parametrize("norm", ["rms", "group"])
-def test_encoder_is_causal_and_encodes_the_first_frame_alone(norm):
-  encode, _ = _jit(_model(f"--config.vae.norm={norm}", "--config.vae.groups=4"))
+@pytest.mark.parametrize("norm, shortcuts", [("rms", False), ("group", True)])
+def test_encoder_is_causal_and_encodes_the_first_frame_alone(norm, shortcuts):
+  encode, _ = _jit(_model(f"--config.vae.norm={norm}", "--config.vae.groups=4", f"--config.vae.shortcuts={shortcuts}"))
   video = _video(13)
   moments = encode(video)
   # Changing frame 6 changes latent frames j with 4j >= 6 (j >= 2) only.
@@ -78,8 +78,9 @@ def test_encoder_is_causal_and_encodes_the_first_frame_alone(norm):
   np.testing.assert_allclose(encode(video[:, :1])[:, 0], moments[:, 0], atol=1e-5)
 
 
-def test_decoder_is_causal():
-  _, decode = _jit(_model())
+@pytest.mark.parametrize("shortcuts", [False, True])
+def test_decoder_is_causal(shortcuts):
+  _, decode = _jit(_model(f"--config.vae.shortcuts={shortcuts}"))
   z = jax.random.normal(jax.random.key(1), (1, 4, 4, 4, 4))
   out = decode(z)
   changed = decode(z.at[:, 2].add(1.0))   # latent frame 2 decodes to frames 5..8
@@ -87,11 +88,12 @@ def test_decoder_is_causal():
   assert float(jnp.max(jnp.abs(changed[:, 5:9] - out[:, 5:9]))) > 1e-3
 
 
-@pytest.mark.parametrize("norm, chunks", [("rms", (1, 2)), ("group", (2,))])
-def test_chunked_encode_and_decode_match_the_whole_clip(norm, chunks):
+@pytest.mark.parametrize("norm, chunks, shortcuts", [("rms", (1, 2), False), ("group", (1, 2), True)])
+def test_chunked_encode_and_decode_match_the_whole_clip(norm, chunks, shortcuts):
   """Exact up to float reassociation (1e-5 of the largest value): each causal convolution
-  carries the frames its next window needs, and no norm mixes frames."""
-  model = _model(f"--config.vae.norm={norm}", "--config.vae.groups=4")
+  carries the frames its next window needs, no norm mixes frames, and the shortcuts' frame
+  pairs never cross a chunk boundary."""
+  model = _model(f"--config.vae.norm={norm}", "--config.vae.groups=4", f"--config.vae.shortcuts={shortcuts}")
   encode, decode = _jit(model)
   video = _video(13, batch=1)                                   # 4 latent frames
   whole = encode(video)
@@ -236,6 +238,7 @@ def test_autoencoder_checkpoint_errors_name_the_fix(trained_vae, tmp_path):
     (["--config.vae.patch=16"], "vae.patch=16 must be a power of two, at most"),
     (["--config.vae.norm=batch"], "vae.norm='batch' must be one of"),
     (["--config.vae.norm=group", "--config.vae.groups=3"], "vae.groups=3 must divide"),
+    (["--config.vae.shortcuts=True", "--config.vae.latent_channels=3"], "vae.latent_channels=3 to divide the last"),
     (["--config.vae.l1=0", "--config.vae.mse=0"], "vae.l1 \\+ vae.mse > 0"),
     (["--config.data.source=latents", "--config.data.store=x"], "a VAE trains on pixels"),
     (["--config.autoencoder.name=vae", "--config.autoencoder.checkpoint=x"], "set --config.autoencoder.name=identity"),
