@@ -6,8 +6,8 @@
 Temporal compression 4 and spatial 8 (clips of 1 + 4k frames, sides divisible by 8), 16 latent
 channels, 4x4 pixel patches folded into channels first, RMS norms, an MSE reconstruction loss
 (on a fixed batch it reached 26 dB in 300 steps where L1 reached 15) plus a small KL, and
-parameter-free shortcuts around every resampling (`vae.shortcuts`: held-out PSNR 18.5 vs 13.7 dB
-at step 250, 23.2 vs 22.2 dB after about 2,000 steps of the 32-wide S). Variant
+parameter-free shortcuts around every 2x resampling and the latent (`vae.shortcuts`: held-out
+PSNR 18.5 vs 13.7 dB at step 250 of the 32-wide S). Variant
 sizes are a table, not copied files; everything else comes from `base_config()` (the vae.* keys
 there list every option).
 `S` trains on the built-in synthetic clips at 9 x 32 x 32 (as `configs/tiny.py:latent` uses them;
@@ -20,7 +20,8 @@ from jaxvid import config as config_lib
 
 # name: (channels, channel_mult, blocks per stage, batch). Stage widths are channels * channel_mult;
 # the first is at least 48, the values of one 4x4 RGB patch, so it can carry them all (S: 48, 64, 64;
-# with widths 32, 64, 64 held-out PSNR was 0.25 dB lower at the same step, for 15% less time a step).
+# with widths 32, 64, 64 held-out PSNR was 0.25 dB lower at the same step, for ~15% less time a step).
+# The discriminator of an adversarial loss is as wide as the first stage.
 VARIANTS = {
     "S": (16, (3, 4, 4), 1, 8),
     "B": (64, (1, 2, 4), 2, 32),

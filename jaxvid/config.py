@@ -467,7 +467,8 @@ def validate_autoencoder(cfg: ConfigDict) -> None:
       raise UserError(f"vae.norm={v.norm!r} must be one of {VAE_NORMS}")
     if v.shortcuts and v.channels * v.channel_mult[-1] % v.latent_channels:
       raise UserError(f"vae.shortcuts needs vae.latent_channels={v.latent_channels} to divide the last stage's "
-                      f"width vae.channels * vae.channel_mult[-1] = {v.channels * v.channel_mult[-1]}")
+                      f"width vae.channels * vae.channel_mult[-1] = {v.channels * v.channel_mult[-1]}: set "
+                      "--config.vae.latent_channels to a divisor of it, or --config.vae.shortcuts=False")
     if v.norm == "group" and any(v.channels * mult % v.groups for mult in v.channel_mult):
       raise UserError(f"vae.groups={v.groups} must divide every stage width vae.channels * vae.channel_mult")
     for key in ("dtype", "param_dtype"):
@@ -546,21 +547,24 @@ def _tuples(value):
   return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-# vae.* keys that fix a VAE's parameters (the rest is how it computes and trains).
+# vae.* keys that fix a VAE's parameters or what they compute (the rest is how it runs and trains).
 VAE_ARCHITECTURE = ("channels", "channel_mult", "blocks", "latent_channels", "temporal_compression",
                     "spatial_compression", "patch", "norm", "groups", "shortcuts", "param_dtype")
 
 
 def model_hash(cfg: ConfigDict) -> str:
-  """Hash of what fixes the parameters: a checkpoint only fits a model with the same hash."""
-  return hashlib.sha256(json.dumps(_model_keys(cfg), sort_keys=True).encode()).hexdigest()[:12]
+  """Hash of what fixes the parameters and what they compute: a checkpoint only fits a model
+  with the same hash."""
+  keys = _model_keys(cfg)
+  if keys.get("vae.shortcuts") is False:   # left out, so VAEs trained before the key existed keep their hash
+    del keys["vae.shortcuts"]
+  return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _model_keys(cfg: ConfigDict) -> dict:
   """The flat {key: value} that fixes the parameters (not how the model runs)."""
   if cfg.model.name == "vae":   # the VAE's architecture (a discriminator exists only with an adversarial loss)
-    # shortcuts=False is left out, so VAEs trained before the key existed keep their hash.
-    keys = {f"vae.{k}": cfg.vae[k] for k in VAE_ARCHITECTURE if k != "shortcuts" or cfg.vae.shortcuts}
+    keys = {f"vae.{k}": cfg.vae[k] for k in VAE_ARCHITECTURE}
     keys.update({"model.name": "vae", "vae.discriminator": cfg.vae.adversarial > 0})
     return keys
   keys = {f"model.{k}": v for k, v in cfg.model.items() if k not in ("dtype", "remat", "attention", "context_parallel")}

@@ -11,11 +11,11 @@ tc (`vae.temporal_compression`) and sc (`vae.spatial_compression`) are powers of
 cheaper), then `conv_in`, one stage per resolution (`vae.blocks` residual blocks, then a
 downsample, 2x in time and/or space: the last log2(tc) downsamples halve time and the last
 log2(sc / p) halve space), one middle residual block, a norm and `conv_out`. The decoder
-mirrors it and unfolds channels back into p x p patches. With `vae.shortcuts` every resampling
-and the latent itself also get a parameter-free shortcut (DC-AE's residual autoencoding:
-averages of pixels, frame pairs or channel groups on the way down, repeats on the way up), so
-each learned layer only adds a residual to a fixed down/upsampling; measured on the S VAE:
-held-out PSNR 18.5 vs 13.7 dB at step 250.
+mirrors it and unfolds channels back into p x p patches. With `vae.shortcuts` every 2x
+resampling and the latent itself also get a parameter-free shortcut (DC-AE's residual
+autoencoding: averages of pixels, frame pairs or channel groups on the way down, repeats on the
+way up; the p x p patch fold has none), so each learned resampling only adds a residual to a
+fixed one; measured on the 32-wide S VAE: held-out PSNR 18.5 vs 13.7 dB at step 250.
 
 Causal in time: every convolution sees only the current and earlier frames (the past is
 zero-padded), and the temporal resampling keeps the first frame on its own. So latent frame 0
@@ -145,8 +145,9 @@ class Downsample(nnx.Module):
 
   With `shortcut` each conv adds a parameter-free shortcut of its input (as DC-AE's residual
   autoencoding): the 2x2 average in space; in time the first frame of a clip on its own, then
-  the mean of each pair of frames (a clip chunk of odd length starts the clip; chunks after
-  it have even lengths, so pairs never cross a chunk boundary and need no cache)."""
+  the mean of each pair of frames. The chunk that starts the clip (no cache) has 1 + 2k frames
+  and later chunks 2k (vae_tiling cuts whole latent frames), so pairs never cross a chunk
+  boundary and need no cache; other lengths are refused."""
 
   def __init__(self, dim: int, temporal: bool, spatial: bool, *, shortcut: bool = False, dtype, param_dtype):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
@@ -163,10 +164,14 @@ class Downsample(nnx.Module):
       x = y
     if self.temporal is None:
       return x, None
+    start = cache is None
     y, cache = self.temporal(x, cache)
     if self.shortcut:
       b, t, h, w, c = x.shape
-      head, pairs = x[:, :t % 2], x[:, t % 2:]
+      if t % 2 != start:
+        raise ValueError(f"temporal downsample with shortcut got {t} frames in a chunk that "
+                         f"{'starts' if start else 'continues'} the clip; it takes {'1 + 2k' if start else '2k'}")
+      head, pairs = x[:, :int(start)], x[:, int(start):]
       pairs = pairs.reshape(b, pairs.shape[1] // 2, 2, h, w, c).mean(axis=2)
       y = y + jnp.concatenate([head, pairs], axis=1).astype(y.dtype)
     return y, cache
@@ -195,7 +200,7 @@ class Upsample(nnx.Module):
     if self.spatial is not None:
       up = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
       y, _ = self.spatial(up)
-      x = y + up if self.shortcut else y
+      x = y + up.astype(y.dtype) if self.shortcut else y
     return x, cache
 
 
@@ -339,7 +344,8 @@ class VAE(nnx.Module):
   def __init__(self, vae_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
     self.encoder = Encoder(vae_cfg)
     self.decoder = Decoder(vae_cfg)
-    self.discriminator = Discriminator(vae_cfg.channels, **_kwargs(vae_cfg)) if vae_cfg.adversarial > 0 else None
+    first_width = vae_cfg.channels * vae_cfg.channel_mult[0]
+    self.discriminator = Discriminator(first_width, **_kwargs(vae_cfg)) if vae_cfg.adversarial > 0 else None
     self.latent_channels = z = vae_cfg.latent_channels
     init_kernels(self, rngs.params())
     # Start with a narrow posterior (the decoder sees the means from the first step; with a small KL
