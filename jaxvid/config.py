@@ -140,7 +140,7 @@ def base_config() -> ConfigDict:
   # Architecture: p x p pixel patches folded into channels (p = `patch`), then stages of widths
   # channels * channel_mult (len = 1 + max(log2(temporal_compression), log2(spatial_compression / patch))),
   # `blocks` residual blocks per stage, `norm` "rms" (per position) or "group" (per frame, `groups` groups);
-  # `shortcuts`: parameter-free shortcuts around every down/upsampling and the latent (DC-AE style; they need
+  # `shortcuts`: parameter-free shortcuts around every 2x down/upsampling and the latent (DC-AE style; they need
   # latent_channels to divide the last stage's width).
   # Loss: l1 |x - x'| + mse (x - x')^2 + kl KL (means over elements) + ssim (1 - SSIM) + adversarial
   # (hinge GAN with a 3D patch discriminator, from step adversarial_start). Held-out PSNR/SSIM on
@@ -550,14 +550,15 @@ def _tuples(value):
 # vae.* keys that fix a VAE's parameters or what they compute (the rest is how it runs and trains).
 VAE_ARCHITECTURE = ("channels", "channel_mult", "blocks", "latent_channels", "temporal_compression",
                     "spatial_compression", "patch", "norm", "groups", "shortcuts", "param_dtype")
+# Model keys added after models were saved, with the value that computes what the code did before
+# them: at that value a key is left out of the hash, so earlier checkpoints and exports keep theirs.
+HASH_NEUTRAL = {"vae.shortcuts": False}
 
 
 def model_hash(cfg: ConfigDict) -> str:
   """Hash of what fixes the parameters and what they compute: a checkpoint only fits a model
   with the same hash."""
-  keys = _model_keys(cfg)
-  if keys.get("vae.shortcuts") is False:   # left out, so VAEs trained before the key existed keep their hash
-    del keys["vae.shortcuts"]
+  keys = {k: v for k, v in _model_keys(cfg).items() if k not in HASH_NEUTRAL or v != HASH_NEUTRAL[k]}
   return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -12,7 +12,6 @@ from typing import Protocol
 import zlib
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 import numpy as np

@@ -16,7 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxvid.parallel import sharding as sh
 

@@ -148,7 +148,7 @@ class Work:
 
   def _load(self) -> None:
     """Decodes the item's image or clip (and mask) at the model's frame size and rate."""
-    item, (t, h, w) = self.item, self.shape
+    item, (_, h, w) = self.item, self.shape
     if item.image:
       self._parts = [video_files.decode_image(item.image, h, w)[None]]
     elif item.video:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, SMALL, TINY, train_small
+from conftest import REPO, SMALL, TINY
 
 pytestmark = pytest.mark.multiprocess
 

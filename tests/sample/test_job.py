@@ -15,7 +15,6 @@ import pytest
 
 from conftest import REPO
 from jaxvid import cli
-from jaxvid import config
 from jaxvid.errors import UserError
 from jaxvid.models import text
 from jaxvid.parallel import mesh as mesh_lib
