@@ -50,6 +50,37 @@ def _constrain(x: jax.Array) -> jax.Array:
   return sh.constrain(x, (sh.BATCH, None, None, None, None))
 
 
+def conv3d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int, int], impl: str = "auto") -> jax.Array:
+  """x [B, T, H, W, I] * kernel [kt, kh, kw, I, O] -> [B, (T - kt) / st + 1, H / sh, W / sw, O]: no
+  padding in time (the caller pads causally), 'same' zero padding in space.
+
+  impl "3d" is one 3D convolution. "folded" stacks the kt frames of each window along channels
+  and runs a 2D convolution over B T' frames with a kernel [kh, kw, kt I, O]: the same sums, which
+  XLA:CPU runs 1.5-2.4x faster than its 3D convolution (measured on a 2-core CPU: a 3x3x3 conv of
+  48 channels at 9x8x8, batch 8, forward + backward 59 -> 24 ms; the S VAE's train step 0.84 ->
+  0.54 s), for kt times the input's memory. "auto": folded on CPU, 3d elsewhere (cuDNN and TPU
+  run 3D convolutions natively).
+  """
+  if impl == "auto":
+    impl = "folded" if jax.default_backend() == "cpu" else "3d"
+  kt, kh, kw = kernel.shape[:3]
+  st = stride[0]
+  space = [(kh // 2, kh // 2), (kw // 2, kw // 2)]
+  if impl == "3d":
+    return jax.lax.conv_general_dilated(x, kernel, window_strides=stride, padding=[(0, 0)] + space,
+                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+  if impl != "folded":
+    raise ValueError(f"conv3d impl {impl!r} is not one of auto, 3d, folded")
+  b, t, h, w, c = x.shape
+  windows = (t - kt) // st + 1
+  if kt > 1 or st > 1:   # [B, T', H, W, kt I]: frame i of every window, i = 0 .. kt - 1
+    x = jnp.concatenate([x[:, i:i + (windows - 1) * st + 1:st] for i in range(kt)], axis=-1)
+  kernel = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, -1)
+  y = jax.lax.conv_general_dilated(x.reshape(b * windows, h, w, kt * c), kernel, window_strides=stride[1:],
+                                   padding=space, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y.reshape(b, windows, *y.shape[1:])
+
+
 class CausalConv3d(nnx.Module):
   """x [B, T, H, W, Cin] -> [B, T', H', W', Cout]: kernel (kt, kh, kw), stride (st, sh, sw).
 
@@ -78,10 +109,7 @@ class CausalConv3d(nnx.Module):
       windows = (x.shape[1] - kt) // st + 1
       cache = x[:, windows * st:]
       x = x[:, :(windows - 1) * st + kt]
-    pads = [(0, 0)] + [(k // 2, k // 2) for k in self.kernel_size[1:]]
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype), window_strides=self.stride, padding=pads,
-        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    y = conv3d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride)
     return y + self.bias[...].astype(self.dtype), (cache if kt > 1 or st > 1 else None)
 
 

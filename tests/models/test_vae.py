@@ -65,6 +65,27 @@ def test_shapes():
   assert decode(mean).shape == (1, 7, 32, 32, 3)
 
 
+@pytest.mark.parametrize("kernel, stride", [((3, 3, 3), (1, 1, 1)), ((1, 3, 3), (1, 2, 2)), ((3, 1, 1), (2, 1, 1)),
+                                            ((1, 1, 1), (1, 1, 1)), ((3, 3, 3), (1, 2, 2))])
+def test_folded_convolution_matches_the_3d_one(kernel, stride):
+  """The CPU's folded convolution (frames of a window stacked along channels, then 2D) computes
+  what the 3D one does, forward and gradients (float32 sums in another order: 1e-5)."""
+  kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (2, 7, 8, 6, 5))
+  k = 0.2 * jax.random.normal(kk, (*kernel, 5, 4))
+  outs = {impl: jax.jit(lambda x, k, impl=impl: vae.conv3d(x, k, stride, impl))(x, k) for impl in ("3d", "folded")}
+  assert outs["3d"].shape == outs["folded"].shape == (2, (7 - kernel[0]) // stride[0] + 1, 8 // stride[1],
+                                                      6 // stride[2], 4)
+  np.testing.assert_allclose(outs["folded"], outs["3d"], atol=1e-5)
+  g = jax.random.normal(kg, outs["3d"].shape)
+  grads = {impl: jax.jit(jax.grad(lambda x, k, impl=impl: jnp.sum(g * vae.conv3d(x, k, stride, impl)), (0, 1)))(x, k)
+           for impl in ("3d", "folded")}
+  for folded, reference in zip(grads["folded"], grads["3d"]):
+    np.testing.assert_allclose(folded, reference, atol=1e-4)
+  with pytest.raises(ValueError, match="not one of"):
+    vae.conv3d(x, k, stride, "2d")
+
+
 @pytest.mark.parametrize("norm, shortcuts", [("rms", True), ("group", False)])
 def test_encoder_is_causal_and_encodes_the_first_frame_alone(norm, shortcuts):
   encode, _ = _jit(_model(f"--config.vae.norm={norm}", "--config.vae.groups=4", f"--config.vae.shortcuts={shortcuts}"))
