@@ -21,8 +21,9 @@ from jaxvid import config as config_lib
 # name: (channels, channel_mult, blocks per stage, batch). Stage widths are channels * channel_mult;
 # the first is at least 48, the values of one 4x4 RGB patch, so it can carry them all (S: 48, 64, 64;
 # with widths 32, 64, 64 held-out PSNR was 0.25 dB lower at the same step, for ~15% less time a step).
-# S trains on batches of 4: on the CPU a step costs half of a batch of 8, and at equal time (steps
-# 500 / 1,000 / 1,500 against 250 / 500 / 750, same schedule) held-out PSNR was 1.2 / 0.3 / 0.3 dB higher.
+# S trains on batches of 4: on the CPU a step costs half of a batch of 8, and at equal time (two runs
+# side by side, cosines over 6,000 and 3,000 steps: batch 4 at steps 500 / 1,000 / 1,500 against
+# batch 8 at 250 / 500 / 750) held-out PSNR was 1.2 / 0.3 / 0.3 dB higher.
 # The discriminator of an adversarial loss is as wide as the first stage.
 VARIANTS = {
     "S": (16, (3, 4, 4), 1, 4),

@@ -51,14 +51,15 @@ def _constrain(x: jax.Array) -> jax.Array:
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int, int], impl: str = "auto") -> jax.Array:
-  """x [B, T, H, W, I] * kernel [kt, kh, kw, I, O] -> [B, (T - kt) / st + 1, H / sh, W / sw, O]: no
-  padding in time (the caller pads causally), 'same' zero padding in space.
+  """x [B, T, H, W, I] * kernel [kt, kh, kw, I, O] -> [B, (T - kt) // st + 1, ceil(H / sh),
+  ceil(W / sw), O]: no padding in time (the caller pads causally), kh // 2 and kw // 2 zeros
+  around space ('same' at stride 1).
 
   impl "3d" is one 3D convolution. "folded" stacks the kt frames of each window along channels
   and runs a 2D convolution over B T' frames with a kernel [kh, kw, kt I, O]: the same sums, which
-  XLA:CPU runs 1.5-2.4x faster than its 3D convolution (measured on a 2-core CPU: a 3x3x3 conv of
-  48 channels at 9x8x8, batch 8, forward + backward 59 -> 24 ms; the S VAE's train step 0.84 ->
-  0.54 s), for kt times the input's memory. "auto": folded on CPU, 3d elsewhere (cuDNN and TPU
+  XLA:CPU runs up to 2.5x faster than its 3D convolution (measured on a 2-core CPU, forward +
+  backward: a 3x3x3 conv of 48 channels at 9x8x8, batch 8, 59 -> 24 ms; of 64 channels 73 -> 48
+  ms; the S VAE's train step at batch 8 0.84 -> 0.54 s), for kt times the input's memory. "auto": folded on CPU, 3d elsewhere (cuDNN and TPU
   run 3D convolutions natively).
   """
   if impl == "auto":
