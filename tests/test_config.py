@@ -69,6 +69,7 @@ def test_bad_overrides(override, words):
     (["--config.model.heads=64"], "head dim"),
     (["--config.model.dtype=float64"], "model.dtype='float64' must be one of"),
     (["--config.model.remat=some"], "model.remat='some'"),
+    (["--config.model.scan_unroll=0"], "model.scan_unroll=0 must be an integer from 1"),
     (["--config.model.pos_embed=learned"], "model.pos_embed='learned' must be"),
     (["--config.text.encoder=t5"], "text.encoder='t5' must be"),
     (["--config.text.vocab=2"], "text.vocab=2 must be at least 3"),

@@ -101,6 +101,7 @@ class DiT(nnx.Module):
     d, self.patch = m.width, tuple(m.patch)
     self.heads, self.freq_dim, self.rope_theta = m.heads, m.freq_dim, m.rope_theta
     self.remat, self.pos_embed, self.condition = m.remat, m.pos_embed, m.condition
+    self.scan_unroll = m.scan_unroll
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     in_dim, patch_dim = config_lib.patch_dims(cfg)
@@ -166,7 +167,7 @@ class DiT(nnx.Module):
 
     if self.remat != "none":
       body = jax.checkpoint(body, policy=REMAT[self.remat], prevent_cse=False)
-    tokens, _ = jax.lax.scan(body, tokens, stacked)
+    tokens, _ = jax.lax.scan(body, tokens, stacked, unroll=self.scan_unroll)
 
     table = self.scale_shift_table[None].astype(jnp.float32)
     shift, scale = jnp.split(table + temb[:, None], 2, axis=1)                   # [B, 1, D] each

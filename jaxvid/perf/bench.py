@@ -146,6 +146,7 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dic
       "config": {"width": cfg.model.width, "depth": cfg.model.depth, "heads": cfg.model.heads,
                  "mlp_dim": cfg.model.mlp_dim, "tokens_per_clip": config_lib.num_tokens(cfg), "batch": b,
                  "dtype": cfg.model.dtype, "attention": cfg.model.attention, "remat": cfg.model.remat,
+                 "scan_unroll": cfg.model.scan_unroll,
                  "mesh": dict(mesh.shape)},
       "params": int(num_params),
       "compile_s": compile_s,

@@ -134,11 +134,11 @@ def test_text_encoder_embeds_its_vocabulary(encoder, vocab, lengths):
   assert mask.sum(1).tolist() == lengths
 
 
-def test_remat_gives_the_same_gradients():
+def test_remat_and_unrolling_give_the_same_gradients():
   x = jax.random.normal(jax.random.key(0), (2, 4, 16, 16, 3))
 
-  def grads(remat):
-    cfg = config.load(TINY, SMALL + ["--config.model.depth=2", f"--config.model.remat={remat}"])
+  def grads(remat, *overrides):
+    cfg = config.load(TINY, SMALL + ["--config.model.depth=2", f"--config.model.remat={remat}", *overrides])
     tok = jnp.asarray(text.make_tokenizer(cfg)(["a", "b"]))
     graphdef, params = nnx.split(dit.build(cfg), nnx.Param)
     params = jax.tree.map(lambda p: p + 0.01, params)   # off the zero init
@@ -153,6 +153,12 @@ def test_remat_gives_the_same_gradients():
   for remat in ("full", "dots", "dots_no_batch"):
     for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(grads(remat))):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=remat)
+  # Unrolling the layer scan changes the program, not the model: same gradients, same hash.
+  unrolled = grads("none", "--config.model.scan_unroll=2")
+  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(unrolled)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg="scan_unroll=2")
+  assert (config.model_hash(config.load(TINY, ["--config.model.scan_unroll=2"]))
+          == config.model_hash(config.load(TINY)))
 
 
 def test_blocks_are_stacked_for_the_layer_scan():
