@@ -6,7 +6,8 @@ compile about as fast as a shallow one.
 
 Compiles the real train step from abstract inputs (jaxvid.train.step.compile_for_mesh: nothing
 is allocated) on one device, for each depth, and reports seconds and the ratio to the first
-depth. Prints a table, then one JSON line.
+depth. The layers are scanned one block at a time (`model.scan_unroll=1`, which an override
+may change; configs/bench_cpu.py itself unrolls its 8). Prints a table, then one JSON line.
 """
 
 import argparse
@@ -30,7 +31,7 @@ def main() -> None:
   args, overrides = parser.parse_known_args()
   rows = []
   for depth in args.depths:
-    cfg = config.load(args.config, [*overrides, f"--config.model.depth={depth}"])
+    cfg = config.load(args.config, ["--config.model.scan_unroll=1", *overrides, f"--config.model.depth={depth}"])
     config.validate(cfg, jax.device_count(), train=True)
     jax.clear_caches()
     t0 = time.perf_counter()
