@@ -62,8 +62,8 @@ def base_config() -> ConfigDict:
   c.model.dtype = "bfloat16"       # compute dtype
   c.model.remat = "none"           # one of REMAT_POLICIES
   # Blocks per iteration of the scan over layers: 1 compiles one block whatever the depth; depth
-  # unrolls all (XLA schedules across layers: the CPU benchmark's train step 7-12% faster, its
-  # compile 1.8x longer).
+  # unrolls all (XLA schedules across layers: configs/bench_cpu.py's train step ~9% faster on a
+  # 2-core CPU, its forward ~4% slower, its compile 1.8x longer).
   c.model.scan_unroll = 1
   c.model.attention = "auto"       # one of ATTENTION; "auto": the best kernel for the platform
   c.model.context_parallel = "ulysses"   # with mesh.sequence > 1: "ulysses" (all-to-all) or "ring"

@@ -59,8 +59,8 @@ def conv3d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int, int], impl: 
   and runs a 2D convolution over B T' frames with a kernel [kh, kw, kt I, O]: the same sums, which
   XLA:CPU runs up to 2.5x faster than its 3D convolution (measured on a 2-core CPU, forward +
   backward: a 3x3x3 conv of 48 channels at 9x8x8, batch 8, 59 -> 24 ms; of 64 channels 73 -> 48
-  ms; the S VAE's train step at batch 8 0.84 -> 0.54 s), for kt times the input's memory. "auto": folded on CPU, 3d elsewhere (cuDNN and TPU
-  run 3D convolutions natively).
+  ms; the S VAE's train step at batch 8 0.84 -> 0.54 s), for kt times the input's memory.
+  "auto": folded on CPU, 3d elsewhere (cuDNN and TPU run 3D convolutions natively).
   """
   if impl == "auto":
     impl = "folded" if jax.default_backend() == "cpu" else "3d"
