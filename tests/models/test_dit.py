@@ -153,12 +153,10 @@ def test_remat_and_unrolling_give_the_same_gradients():
   for remat in ("full", "dots", "dots_no_batch"):
     for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(grads(remat))):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=remat)
-  # Unrolling the layer scan changes the program, not the model: same gradients, same hash.
+  # Unrolling the layer scan changes the program, not the model (its hash: tests/test_config.py).
   unrolled = grads("none", "--config.model.scan_unroll=2")
   for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(unrolled)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg="scan_unroll=2")
-  assert (config.model_hash(config.load(TINY, ["--config.model.scan_unroll=2"]))
-          == config.model_hash(config.load(TINY)))
 
 
 def test_blocks_are_stacked_for_the_layer_scan():
