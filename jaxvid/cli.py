@@ -102,7 +102,7 @@ def run(argv: list[str]) -> None:
     if args.init_optimizer and not args.init_from:
       raise UserError("--init_optimizer needs --init_from RUN_DIR")
     cfg = config_lib.load(args.config, overrides)
-    distributed.initialize(cfg)
+    distributed.initialize(cfg, train=True)
     loop.train(cfg, args.workdir, init_from=args.init_from, init_optimizer=args.init_optimizer)
   elif args.command == "sample":
     from jaxvid.sample import items as items_lib
@@ -128,7 +128,7 @@ def run(argv: list[str]) -> None:
     if args.steps < 1:
       raise UserError("--steps must be at least 1")
     cfg = config_lib.load(args.config, overrides)
-    distributed.initialize(cfg)
+    distributed.initialize(cfg, train=True)
     bench.main(cfg, args.steps)
   elif args.command == "export":
     if overrides:

@@ -12,7 +12,8 @@ is downloaded), on `os.cpu_count()` threads. It is timed on random inputs: the t
 forward + MSE loss against a random target + backward + AdamW step, the forward runs under
 `torch.no_grad()`; both are the median of `--steps` after 2 warm-up steps. The jaxvid side is
 `jaxvid.perf.bench.run` (what `jaxvid bench` prints) on the same config, in the same process,
-on one CPU device; `--config.KEY=VALUE` overrides go to that config, and shape keys (model.*,
+on the CPU devices `jaxvid bench` makes (one per core: distributed.cpu_devices; the batch is
+split over them as over any mesh); `--config.KEY=VALUE` overrides go to that config, and shape keys (model.*,
 text.width, text.max_len, video.*, train.batch_size) shape the PyTorch model too. The PyTorch
 side is always float32 eager, without gradient checkpointing, whatever model.dtype,
 model.remat and model.attention say.
@@ -45,16 +46,14 @@ import sys
 import time
 from pathlib import Path
 
-# One CPU device for the jaxvid side (set before jax is imported).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+import jax
+import ml_collections
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-
-from jaxvid import config as config_lib  # noqa: E402
-from jaxvid.errors import UserError  # noqa: E402
-from jaxvid.perf import bench  # noqa: E402
-from jaxvid.perf import flops as flops_lib  # noqa: E402
+from jaxvid import config as config_lib
+from jaxvid.errors import UserError
+from jaxvid.parallel import distributed
+from jaxvid.perf import bench
+from jaxvid.perf import flops as flops_lib
 
 DEFAULT_CONFIG = "configs/bench_cpu.py"
 INSTALL_HINT = "pip install -e '.[bench]'  (torch==2.13.0 CPU build and diffusers)"
@@ -200,6 +199,7 @@ def main() -> None:
     spec = str(Path(__file__).resolve().parent.parent / DEFAULT_CONFIG)
   try:
     cfg = config_lib.load(spec, overrides)
+    distributed.initialize(cfg, train=True)   # the CPU devices, as `jaxvid bench` makes them
   except UserError as e:
     _fail(str(e))
   if not args.jax_only:

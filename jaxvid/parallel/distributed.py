@@ -1,4 +1,4 @@
-"""Multi-host: joining JAX's own multi-process runtime before any device is touched.
+"""Devices: this process's CPU devices and JAX's own multi-process runtime, before any device is touched.
 
 Every process of a job runs the same command. Where the cluster is described comes from,
 in order: `config.distributed.*`, then the environment (`JAX_COORDINATOR_ADDRESS`,
@@ -7,6 +7,8 @@ detection of TPU pods, SLURM and other clusters (`distributed.initialize=on`).
 
   distributed.initialize  "auto": join when a coordinator is given or SLURM ran several
                           tasks; "on": always (lets JAX detect TPU pods); "off": never
+  distributed.cpu_devices CPU devices per process; 0: one per usable core (as many as the batch
+                          and mesh divide), unless XLA_FLAGS or JAX_NUM_CPU_DEVICES sets a count
 """
 
 import logging
@@ -33,14 +35,58 @@ def _settings(cfg: ml_collections.ConfigDict) -> tuple[str | None, int | None, i
   return coordinator, num, pid
 
 
-def initialize(cfg: ml_collections.ConfigDict) -> None:
-  """Joins the multi-process job if there is one; then checks all processes run `cfg`."""
+def usable_cores() -> int:
+  """CPU cores this process may run on (its affinity mask where the OS has one)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_device_count(cfg: ml_collections.ConfigDict, cores: int, train: bool) -> int:
+  """CPU devices for one process: distributed.cpu_devices, or for 0 the largest n <= `cores`
+  for which `cfg` is valid on n devices (train.batch_size and the buckets split into whole
+  shards, the mesh's fixed axis sizes multiply to n); 1 if none is."""
+  if cfg.distributed.cpu_devices > 0:
+    return cfg.distributed.cpu_devices
+  for n in range(max(cores, 1), 1, -1):
+    try:
+      config_lib.validate(cfg, n, train=train)
+      return n
+    except UserError:
+      continue
+  return 1
+
+
+def _make_cpu_devices(cfg: ml_collections.ConfigDict, joining: bool, train: bool) -> None:
+  """Sets how many CPU devices JAX makes, before it makes any (see distributed.cpu_devices).
+  0 leaves JAX's own count when XLA_FLAGS or JAX_NUM_CPU_DEVICES sets one, or when joining a
+  multi-process job (each process then has JAX's default, one, unless told otherwise)."""
+  n = cfg.distributed.cpu_devices
+  if n < 0:
+    raise UserError(f"distributed.cpu_devices={n} must be >= 0 (0: one per core)")
+  if n == 0:
+    chosen = ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+              or jax.config.jax_num_cpu_devices >= 0)
+    if chosen or joining:
+      return
+    n = cpu_device_count(cfg, usable_cores(), train)
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:   # this process already made its devices (jaxvid called from a program that used JAX)
+    log.warning("distributed.cpu_devices: JAX's devices already exist in this process; keeping %d",
+                jax.local_device_count())
+
+
+def initialize(cfg: ml_collections.ConfigDict, train: bool = False) -> None:
+  """Makes this process's CPU devices (distributed.cpu_devices) and joins the multi-process job
+  if there is one; then checks all processes run `cfg`. `train`: the command trains, so
+  train.batch_size must split over the devices."""
   mode = cfg.distributed.initialize
   if mode not in ("auto", "on", "off"):
     raise UserError(f"distributed.initialize={mode!r} must be 'auto', 'on' or 'off'")
   coordinator, num, pid = _settings(cfg)
   slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-  if mode == "off" or (mode == "auto" and coordinator is None and slurm_tasks < 2):
+  joining = mode == "on" or (mode == "auto" and (coordinator is not None or slurm_tasks >= 2))
+  _make_cpu_devices(cfg, joining, train)
+  if not joining:
     return
   if jax.distributed.is_initialized():
     return

@@ -55,15 +55,22 @@ def _median_time(fn, steps: int, warmup: int) -> float:
 
 
 def peak_matmul_flops(dtype, size: int | None = None, steps: int = 5) -> float:
-  """FLOP/s of a square matmul in `dtype` on the default device (per device), median of `steps`."""
-  size = size or (2048 if jax.default_backend() == "cpu" else 8192)
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
-  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
+  """FLOP/s of square matmuls in `dtype`, one on each of this process's devices at the same time,
+  summed; median of `steps`. Simulated CPU devices share the host's cores, so on a CPU this is
+  the host's throughput whatever the device count; on accelerators, one device's times their count."""
+  devices = jax.local_devices()
+  # On a CPU about one 2048^3 product in all (the devices share the cores), else 8192^3 a device.
+  size = size or (2048 // round(len(devices) ** (1 / 3)) if jax.default_backend() == "cpu" else 8192)
+  sharded = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("d",)), jax.sharding.PartitionSpec("d"))
+  shape = (len(devices), size, size)
+  make = jax.jit(lambda key: jax.random.normal(key, shape, jnp.float32).astype(dtype), out_shardings=sharded)
+  a, b = make(jax.random.key(0)), make(jax.random.key(1))
   # Several products in one program, so dispatch overhead does not count on fast devices.
   reps = 1 if jax.default_backend() == "cpu" else 10
-  mm = jax.jit(lambda a, b: jax.lax.fori_loop(0, reps, lambda i, c: (c @ b) * 0.5, a))
+  mm = jax.jit(lambda a, b: jax.lax.fori_loop(0, reps, lambda i, c: jnp.einsum("nij,njk->nik", c, b) * 0.5, a),
+               out_shardings=sharded)
   seconds = _median_time(lambda: mm(a, b).block_until_ready(), steps, warmup=2)
-  return 2.0 * size ** 3 * reps / seconds
+  return 2.0 * size ** 3 * reps * len(devices) / seconds
 
 
 def random_batch(cfg: ml_collections.ConfigDict, shardings: dict) -> dict:
@@ -136,9 +143,7 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dic
   forward_s = _median_time(lambda: fwd(params, x, t, tokens).block_until_ready(), steps, warmup)
 
   model_flops = flops_lib.count(cfg, b)
-  # One device's peak times the device count: right for real accelerators; simulated CPU devices
-  # share the host's cores, so there the peak is overstated and the MFU understated.
-  peak = peak_matmul_flops(jnp.dtype(cfg.model.dtype)) * jax.device_count()
+  peak = peak_matmul_flops(jnp.dtype(cfg.model.dtype)) * jax.process_count()   # processes alike
   tokens_per_step = b * config_lib.num_tokens(cfg)
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   device = jax.devices()[0]

@@ -1,0 +1,73 @@
+"""distributed.cpu_devices: how many CPU devices a process makes (one per core by default, as
+many as the config's batch and mesh divide), checked by choice and in fresh processes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY
+from jaxvid import config as config_lib
+from jaxvid.errors import UserError
+from jaxvid.parallel import distributed
+
+BENCH_CPU = os.path.join(REPO, "configs", "bench_cpu.py")
+
+
+@pytest.mark.parametrize("overrides, cores, train, expected", [
+    ([], 1, True, 1),
+    ([], 2, True, 2),
+    ([], 3, True, 2),                                     # 8 clips split in 2, not 3
+    ([], 16, True, 8),
+    (["--config.train.batch_size=6"], 16, True, 6),
+    (["--config.train.batch_size=7"], 4, True, 1),        # no split: one device
+    (["--config.mesh.data=1"], 8, True, 1),               # a fixed mesh: its size
+    (["--config.mesh.data=2", "--config.mesh.tensor=2"], 8, True, 4),
+    (["--config.distributed.cpu_devices=3"], 16, True, 3),   # asked for: given
+])
+def test_cpu_device_count_is_the_most_the_config_splits_over(overrides, cores, train, expected):
+  cfg = config_lib.load(TINY, overrides)
+  assert distributed.cpu_device_count(cfg, cores, train) == expected
+
+
+def test_bench_cpu_batch_of_two_takes_two_cores():
+  assert distributed.cpu_device_count(config_lib.load(BENCH_CPU, []), 8, True) == 2
+
+
+def _devices_in_fresh_process(overrides: list[str], **env_changes) -> int:
+  """jax.device_count() after distributed.initialize(tiny + overrides, train=True) in a new
+  process whose environment is this one's with `env_changes` (None: removed)."""
+  env = dict(os.environ)
+  for key, value in env_changes.items():
+    if value is None:
+      env.pop(key, None)
+    else:
+      env[key] = value
+  code = ("import jax\n"
+          "from jaxvid import config as c\n"
+          "from jaxvid.parallel import distributed as d\n"
+          f"d.initialize(c.load({TINY!r}, {overrides!r}), train=True)\n"
+          "print(jax.device_count())\n")
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                        cwd=REPO)
+  assert proc.returncode == 0, proc.stderr
+  return int(proc.stdout.split()[-1])
+
+
+def test_a_fresh_process_makes_one_device_per_core():
+  expected = distributed.cpu_device_count(config_lib.load(TINY, []), distributed.usable_cores(), True)
+  assert expected == min(8, distributed.usable_cores()) or distributed.usable_cores() > 8   # batch 8
+  assert _devices_in_fresh_process([], XLA_FLAGS=None, JAX_NUM_CPU_DEVICES=None) == expected
+
+
+def test_xla_flags_device_count_wins_over_auto_and_config_wins_over_both():
+  flags = "--xla_force_host_platform_device_count=5"
+  assert _devices_in_fresh_process([], XLA_FLAGS=flags, JAX_NUM_CPU_DEVICES=None) == 5
+  assert _devices_in_fresh_process(["--config.distributed.cpu_devices=3"], XLA_FLAGS=flags) == 3
+
+
+def test_negative_cpu_devices_is_a_clear_error():
+  cfg = config_lib.load(TINY, ["--config.distributed.cpu_devices=-1"])
+  with pytest.raises(UserError, match="distributed.cpu_devices=-1 must be >= 0"):
+    distributed.initialize(cfg)
