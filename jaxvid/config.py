@@ -157,12 +157,13 @@ def base_config() -> ConfigDict:
       eval_every=0, eval_clips=32, eval_manifest="", stats_clips=64))
 
   # Multi-host (see parallel/distributed.py); the environment can supply all of it.
-  # cpu_devices: JAX CPU devices this process makes (when it computes on its CPU). 0: one per core this
-  # process may use, or the largest fewer the config's batch and mesh divide; XLA_FLAGS'
-  # --xla_force_host_platform_device_count or JAX_NUM_CPU_DEVICES, when set, win over 0. XLA:CPU runs one
-  # program's ops mostly one after another, so a device per core is what keeps every core busy.
+  # cpu_devices: JAX CPU devices this process makes (when it computes on its CPU). -1: JAX's own count
+  # (XLA_FLAGS' --xla_force_host_platform_device_count, JAX_NUM_CPU_DEVICES, else 1). 0: one per core this
+  # process may use, or the most the config's batch and mesh split over (a count in the environment wins).
+  # N: N. XLA:CPU runs one program's ops mostly one after another, so on larger models a device per core
+  # is what keeps every core busy (configs/bench_cpu.py, configs/vae.py set 0).
   c.distributed = ConfigDict(dict(initialize="auto", coordinator="", num_processes=0, process_id=-1,
-                                  timeout_s=300, cpu_devices=0))
+                                  timeout_s=300, cpu_devices=-1))
 
   # Mesh axis sizes; -1 takes the remaining devices. The product must equal the device count.
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1,

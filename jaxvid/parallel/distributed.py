@@ -7,8 +7,9 @@ detection of TPU pods, SLURM and other clusters (`distributed.initialize=on`).
 
   distributed.initialize  "auto": join when a coordinator is given or SLURM ran several
                           tasks; "on": always (lets JAX detect TPU pods); "off": never
-  distributed.cpu_devices CPU devices per process; 0: one per usable core (as many as the batch
-                          and mesh divide), unless XLA_FLAGS or JAX_NUM_CPU_DEVICES sets a count
+  distributed.cpu_devices CPU devices per process: -1 JAX's own (XLA_FLAGS, JAX_NUM_CPU_DEVICES,
+                          else 1); 0 one per usable core, as many as the batch and mesh split over
+                          (unless the environment sets a count); N: N
 """
 
 import logging
@@ -41,11 +42,9 @@ def usable_cores() -> int:
 
 
 def cpu_device_count(cfg: ml_collections.ConfigDict, cores: int, train: bool) -> int:
-  """CPU devices for one process: distributed.cpu_devices, or for 0 the largest n <= `cores`
-  for which `cfg` is valid on n devices (train.batch_size and the buckets split into whole
-  shards, the mesh's fixed axis sizes multiply to n); 1 if none is."""
-  if cfg.distributed.cpu_devices > 0:
-    return cfg.distributed.cpu_devices
+  """CPU devices for one process under distributed.cpu_devices=0: the largest n <= `cores` for
+  which `cfg` is valid on n devices (train.batch_size and the buckets split into whole shards,
+  the mesh's fixed axis sizes multiply to n), 1 if none is."""
   for n in range(max(cores, 1), 1, -1):
     try:
       config_lib.validate(cfg, n, train=train)
@@ -57,11 +56,13 @@ def cpu_device_count(cfg: ml_collections.ConfigDict, cores: int, train: bool) ->
 
 def _make_cpu_devices(cfg: ml_collections.ConfigDict, joining: bool, train: bool) -> None:
   """Sets how many CPU devices JAX makes, before it makes any (see distributed.cpu_devices).
-  0 leaves JAX's own count when XLA_FLAGS or JAX_NUM_CPU_DEVICES sets one, or when joining a
-  multi-process job (each process then has JAX's default, one, unless told otherwise)."""
+  -1 leaves JAX's own count; so does 0 when XLA_FLAGS or JAX_NUM_CPU_DEVICES sets one, or when
+  joining a multi-process job."""
   n = cfg.distributed.cpu_devices
-  if n < 0:
-    raise UserError(f"distributed.cpu_devices={n} must be >= 0 (0: one per core)")
+  if n < -1:
+    raise UserError(f"distributed.cpu_devices={n} must be -1 (JAX's count), 0 (one per core) or a count")
+  if n == -1:
+    return
   if n == 0:
     chosen = ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
               or jax.config.jax_num_cpu_devices >= 0)
@@ -71,8 +72,8 @@ def _make_cpu_devices(cfg: ml_collections.ConfigDict, joining: bool, train: bool
   try:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:   # this process already made its devices (jaxvid called from a program that used JAX)
-    log.warning("distributed.cpu_devices: JAX's devices already exist in this process; keeping %d",
-                jax.local_device_count())
+    log.warning("distributed.cpu_devices=%d: JAX's devices already exist in this process; keeping %d",
+                cfg.distributed.cpu_devices, jax.local_device_count())
 
 
 def initialize(cfg: ml_collections.ConfigDict, train: bool = False) -> None:

@@ -1,5 +1,5 @@
-"""distributed.cpu_devices: how many CPU devices a process makes (one per core by default, as
-many as the config's batch and mesh divide), checked by choice and in fresh processes."""
+"""distributed.cpu_devices: how many CPU devices a process makes (-1: JAX's own count; 0: one per
+core, as many as the config's batch and mesh split over; N: N), by choice and in fresh processes."""
 
 import os
 import subprocess
@@ -15,20 +15,19 @@ from jaxvid.parallel import distributed
 BENCH_CPU = os.path.join(REPO, "configs", "bench_cpu.py")
 
 
-@pytest.mark.parametrize("overrides, cores, train, expected", [
-    ([], 1, True, 1),
-    ([], 2, True, 2),
-    ([], 3, True, 2),                                     # 8 clips split in 2, not 3
-    ([], 16, True, 8),
-    (["--config.train.batch_size=6"], 16, True, 6),
-    (["--config.train.batch_size=7"], 4, True, 1),        # no split: one device
-    (["--config.mesh.data=1"], 8, True, 1),               # a fixed mesh: its size
-    (["--config.mesh.data=2", "--config.mesh.tensor=2"], 8, True, 4),
-    (["--config.distributed.cpu_devices=3"], 16, True, 3),   # asked for: given
+@pytest.mark.parametrize("overrides, cores, expected", [
+    ([], 1, 1),
+    ([], 2, 2),
+    ([], 3, 2),                                     # 8 clips split in 2, not 3
+    ([], 16, 8),
+    (["--config.train.batch_size=6"], 16, 6),
+    (["--config.train.batch_size=7"], 4, 1),        # no split: one device
+    (["--config.mesh.data=1"], 8, 1),               # a fixed mesh: its size
+    (["--config.mesh.data=2", "--config.mesh.tensor=2"], 8, 4),
 ])
-def test_cpu_device_count_is_the_most_the_config_splits_over(overrides, cores, train, expected):
+def test_cpu_device_count_is_the_most_the_config_splits_over(overrides, cores, expected):
   cfg = config_lib.load(TINY, overrides)
-  assert distributed.cpu_device_count(cfg, cores, train) == expected
+  assert distributed.cpu_device_count(cfg, cores, train=True) == expected
 
 
 def test_bench_cpu_batch_of_two_takes_two_cores():
@@ -55,19 +54,22 @@ def _devices_in_fresh_process(overrides: list[str], **env_changes) -> int:
   return int(proc.stdout.split()[-1])
 
 
-def test_a_fresh_process_makes_one_device_per_core():
-  expected = distributed.cpu_device_count(config_lib.load(TINY, []), distributed.usable_cores(), True)
+def test_a_fresh_process_makes_one_device_per_core_when_asked():
+  auto = ["--config.distributed.cpu_devices=0"]
+  expected = distributed.cpu_device_count(config_lib.load(TINY, auto), distributed.usable_cores(), True)
   assert expected == min(8, distributed.usable_cores()) or distributed.usable_cores() > 8   # batch 8
-  assert _devices_in_fresh_process([], XLA_FLAGS=None, JAX_NUM_CPU_DEVICES=None) == expected
+  assert _devices_in_fresh_process(auto, XLA_FLAGS=None, JAX_NUM_CPU_DEVICES=None) == expected
+  assert _devices_in_fresh_process([], XLA_FLAGS=None, JAX_NUM_CPU_DEVICES=None) == 1     # -1: JAX's own
 
 
-def test_xla_flags_device_count_wins_over_auto_and_config_wins_over_both():
+def test_the_environment_wins_over_auto_and_a_count_wins_over_both():
   flags = "--xla_force_host_platform_device_count=5"
-  assert _devices_in_fresh_process([], XLA_FLAGS=flags, JAX_NUM_CPU_DEVICES=None) == 5
+  assert _devices_in_fresh_process(["--config.distributed.cpu_devices=0"], XLA_FLAGS=flags,
+                                   JAX_NUM_CPU_DEVICES=None) == 5
   assert _devices_in_fresh_process(["--config.distributed.cpu_devices=3"], XLA_FLAGS=flags) == 3
 
 
-def test_negative_cpu_devices_is_a_clear_error():
-  cfg = config_lib.load(TINY, ["--config.distributed.cpu_devices=-1"])
-  with pytest.raises(UserError, match="distributed.cpu_devices=-1 must be >= 0"):
+def test_a_bad_cpu_devices_is_a_clear_error():
+  cfg = config_lib.load(TINY, ["--config.distributed.cpu_devices=-2"])
+  with pytest.raises(UserError, match=r"distributed.cpu_devices=-2 must be -1 \(JAX's count\), 0"):
     distributed.initialize(cfg)
