@@ -102,13 +102,13 @@ def run(argv: list[str]) -> None:
     if args.init_optimizer and not args.init_from:
       raise UserError("--init_optimizer needs --init_from RUN_DIR")
     cfg = config_lib.load(args.config, overrides)
-    distributed.initialize(cfg, train=True)
+    distributed.initialize(cfg, batch=cfg.train.batch_size)
     loop.train(cfg, args.workdir, init_from=args.init_from, init_optimizer=args.init_optimizer)
   elif args.command == "sample":
     from jaxvid.sample import items as items_lib
     from jaxvid.sample import job
     cfg = job.load_run_config(args.workdir, overrides)
-    distributed.initialize(cfg)
+    distributed.initialize(cfg, batch=cfg.sample.batch_size)
     items = (items_lib.single_prompt(args.prompt, cfg) if args.prompt is not None
              else items_lib.read_prompts(args.prompts, cfg, strict=args.strict))
     job.sample(cfg, args.workdir, items, args.output, step=args.step)
@@ -128,7 +128,7 @@ def run(argv: list[str]) -> None:
     if args.steps < 1:
       raise UserError("--steps must be at least 1")
     cfg = config_lib.load(args.config, overrides)
-    distributed.initialize(cfg, train=True)
+    distributed.initialize(cfg, batch=cfg.train.batch_size)
     bench.main(cfg, args.steps)
   elif args.command == "export":
     if overrides:

@@ -158,10 +158,11 @@ def base_config() -> ConfigDict:
 
   # Multi-host (see parallel/distributed.py); the environment can supply all of it.
   # cpu_devices: JAX CPU devices this process makes (when it computes on its CPU). -1: JAX's own count
-  # (XLA_FLAGS' --xla_force_host_platform_device_count, JAX_NUM_CPU_DEVICES, else 1). 0: one per core this
-  # process may use, or the most the config's batch and mesh split over (a count in the environment wins).
-  # N: N. XLA:CPU runs one program's ops mostly one after another, so on larger models a device per core
-  # is what keeps every core busy (configs/bench_cpu.py, configs/vae.py set 0).
+  # (JAX_NUM_CPU_DEVICES, XLA_FLAGS' --xla_force_host_platform_device_count, else 1). 0: one per core this
+  # process may use, at most as many as the command's batch and the mesh split over (a count in the
+  # environment wins, and multi-process jobs keep JAX's count). N: N. XLA:CPU runs one program's ops mostly
+  # one after another, so on larger models a device per core keeps every core busy (configs/bench_cpu.py
+  # and configs/vae.py:S set 0). Pin N for a run you will resume on a machine with other cores.
   c.distributed = ConfigDict(dict(initialize="auto", coordinator="", num_processes=0, process_id=-1,
                                   timeout_s=300, cpu_devices=-1))
 

@@ -199,7 +199,7 @@ def main() -> None:
     spec = str(Path(__file__).resolve().parent.parent / DEFAULT_CONFIG)
   try:
     cfg = config_lib.load(spec, overrides)
-    distributed.initialize(cfg, train=True)   # the CPU devices, as `jaxvid bench` makes them
+    distributed.initialize(cfg, batch=cfg.train.batch_size)   # the CPU devices, as `jaxvid bench` makes them
   except UserError as e:
     _fail(str(e))
   if not args.jax_only:

@@ -41,20 +41,23 @@ def usable_cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def cpu_device_count(cfg: ml_collections.ConfigDict, cores: int, train: bool) -> int:
-  """CPU devices for one process under distributed.cpu_devices=0: the largest n <= `cores` for
-  which `cfg` is valid on n devices (train.batch_size and the buckets split into whole shards,
-  the mesh's fixed axis sizes multiply to n), 1 if none is."""
+def cpu_device_count(cfg: ml_collections.ConfigDict, cores: int, batch: int | None) -> int:
+  """CPU devices for one process under distributed.cpu_devices=0: the largest n <= `cores` that
+  splits `batch` (the command's global batch; None: any n) and for which `cfg` is valid on n
+  devices (the buckets split into whole shards, the mesh's fixed axis sizes multiply to n);
+  1 if none is."""
   for n in range(max(cores, 1), 1, -1):
+    if batch is not None and batch % n:
+      continue
     try:
-      config_lib.validate(cfg, n, train=train)
+      config_lib.validate(cfg, n)
       return n
     except UserError:
       continue
   return 1
 
 
-def _make_cpu_devices(cfg: ml_collections.ConfigDict, joining: bool, train: bool) -> None:
+def _make_cpu_devices(cfg: ml_collections.ConfigDict, joining: bool, batch: int | None) -> None:
   """Sets how many CPU devices JAX makes, before it makes any (see distributed.cpu_devices).
   -1 leaves JAX's own count; so does 0 when XLA_FLAGS or JAX_NUM_CPU_DEVICES sets one, or when
   joining a multi-process job."""
@@ -67,26 +70,30 @@ def _make_cpu_devices(cfg: ml_collections.ConfigDict, joining: bool, train: bool
     chosen = ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
               or jax.config.jax_num_cpu_devices >= 0)
     if chosen or joining:
+      log.info("distributed.cpu_devices=0: keeping JAX's CPU device count (%s)",
+               "a multi-process job" if joining else "set by XLA_FLAGS or JAX_NUM_CPU_DEVICES")
       return
-    n = cpu_device_count(cfg, usable_cores(), train)
+    cores = usable_cores()
+    n = cpu_device_count(cfg, cores, batch)
+    log.info("distributed.cpu_devices=0: %d CPU devices on %d cores", n, cores)
   try:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:   # this process already made its devices (jaxvid called from a program that used JAX)
-    log.warning("distributed.cpu_devices=%d: JAX's devices already exist in this process; keeping %d",
-                cfg.distributed.cpu_devices, jax.local_device_count())
+    log.warning("distributed.cpu_devices=%d: JAX's devices already exist in this process; keeping %d CPU devices",
+                cfg.distributed.cpu_devices, len(jax.local_devices(backend="cpu")))
 
 
-def initialize(cfg: ml_collections.ConfigDict, train: bool = False) -> None:
+def initialize(cfg: ml_collections.ConfigDict, batch: int | None = None) -> None:
   """Makes this process's CPU devices (distributed.cpu_devices) and joins the multi-process job
-  if there is one; then checks all processes run `cfg`. `train`: the command trains, so
-  train.batch_size must split over the devices."""
+  if there is one; then checks all processes run `cfg`. `batch`: the command's global batch,
+  which distributed.cpu_devices=0 splits evenly (None: the command splits any count)."""
   mode = cfg.distributed.initialize
   if mode not in ("auto", "on", "off"):
     raise UserError(f"distributed.initialize={mode!r} must be 'auto', 'on' or 'off'")
   coordinator, num, pid = _settings(cfg)
   slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
   joining = mode == "on" or (mode == "auto" and (coordinator is not None or slurm_tasks >= 2))
-  _make_cpu_devices(cfg, joining, train)
+  _make_cpu_devices(cfg, joining, batch)
   if not joining:
     return
   if jax.distributed.is_initialized():

@@ -59,7 +59,7 @@ def peak_matmul_flops(dtype, size: int | None = None, steps: int = 5) -> float:
   summed; median of `steps`. Simulated CPU devices share the host's cores, so on a CPU this is
   the host's throughput whatever the device count; on accelerators, one device's times their count."""
   devices = jax.local_devices()
-  # On a CPU about one 2048^3 product in all (the devices share the cores), else 8192^3 a device.
+  # On a CPU 2048^3 per device, 1024^3 from 4 devices (they share the cores); else 8192^3 a device.
   size = size or (2048 // round(len(devices) ** (1 / 3)) if jax.default_backend() == "cpu" else 8192)
   sharded = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("d",)), jax.sharding.PartitionSpec("d"))
   shape = (len(devices), size, size)

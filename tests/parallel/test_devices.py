@@ -27,15 +27,21 @@ BENCH_CPU = os.path.join(REPO, "configs", "bench_cpu.py")
 ])
 def test_cpu_device_count_is_the_most_the_config_splits_over(overrides, cores, expected):
   cfg = config_lib.load(TINY, overrides)
-  assert distributed.cpu_device_count(cfg, cores, train=True) == expected
+  assert distributed.cpu_device_count(cfg, cores, cfg.train.batch_size) == expected
+
+
+def test_a_command_without_a_global_batch_takes_every_core():
+  cfg = config_lib.load(TINY, ["--config.train.batch_size=12"])    # the config stays valid on 6
+  assert distributed.cpu_device_count(cfg, 6, None) == 6          # jaxvid encode: batches per device
+  assert distributed.cpu_device_count(cfg, 6, cfg.sample.batch_size) == 4   # sampling 16 at a time
 
 
 def test_bench_cpu_batch_of_two_takes_two_cores():
-  assert distributed.cpu_device_count(config_lib.load(BENCH_CPU, []), 8, True) == 2
+  assert distributed.cpu_device_count(config_lib.load(BENCH_CPU, []), 8, 2) == 2
 
 
 def _devices_in_fresh_process(overrides: list[str], **env_changes) -> int:
-  """jax.device_count() after distributed.initialize(tiny + overrides, train=True) in a new
+  """jax.device_count() after distributed.initialize(tiny + overrides, batch=8) in a new
   process whose environment is this one's with `env_changes` (None: removed)."""
   env = dict(os.environ)
   for key, value in env_changes.items():
@@ -46,7 +52,7 @@ def _devices_in_fresh_process(overrides: list[str], **env_changes) -> int:
   code = ("import jax\n"
           "from jaxvid import config as c\n"
           "from jaxvid.parallel import distributed as d\n"
-          f"d.initialize(c.load({TINY!r}, {overrides!r}), train=True)\n"
+          f"d.initialize(c.load({TINY!r}, {overrides!r}), batch=8)\n"
           "print(jax.device_count())\n")
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                         cwd=REPO)
@@ -56,8 +62,8 @@ def _devices_in_fresh_process(overrides: list[str], **env_changes) -> int:
 
 def test_a_fresh_process_makes_one_device_per_core_when_asked():
   auto = ["--config.distributed.cpu_devices=0"]
-  expected = distributed.cpu_device_count(config_lib.load(TINY, auto), distributed.usable_cores(), True)
-  assert expected == min(8, distributed.usable_cores()) or distributed.usable_cores() > 8   # batch 8
+  expected = distributed.cpu_device_count(config_lib.load(TINY, auto), distributed.usable_cores(), 8)
+  assert expected == max(d for d in (1, 2, 4, 8) if d <= distributed.usable_cores())   # what splits 8 clips
   assert _devices_in_fresh_process(auto, XLA_FLAGS=None, JAX_NUM_CPU_DEVICES=None) == expected
   assert _devices_in_fresh_process([], XLA_FLAGS=None, JAX_NUM_CPU_DEVICES=None) == 1     # -1: JAX's own
 
@@ -66,6 +72,8 @@ def test_the_environment_wins_over_auto_and_a_count_wins_over_both():
   flags = "--xla_force_host_platform_device_count=5"
   assert _devices_in_fresh_process(["--config.distributed.cpu_devices=0"], XLA_FLAGS=flags,
                                    JAX_NUM_CPU_DEVICES=None) == 5
+  assert _devices_in_fresh_process(["--config.distributed.cpu_devices=0"], XLA_FLAGS=None,
+                                   JAX_NUM_CPU_DEVICES="3") == 3
   assert _devices_in_fresh_process(["--config.distributed.cpu_devices=3"], XLA_FLAGS=flags) == 3
 
 
