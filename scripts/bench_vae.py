@@ -129,9 +129,8 @@ def main() -> None:
       "last_eval_psnr": next((r["eval/psnr"] for r in reversed(rows) if "eval/psnr" in r), None),
       "params": int(params),
       # Quality and throughput are measured here, on one device; training ran on the run's own
-      # (configs/vae.py:S: distributed.cpu_devices=0, a CPU device per core).
+      # (its config.json: configs/vae.py:S has distributed.cpu_devices=0, a CPU device per core).
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-      "train_cpu_devices": cfg.distributed.cpu_devices,
       "config": args.config, "overrides": args.overrides,
   }
   with open(os.path.join(args.workdir, "vae_quality.json"), "w") as f:
