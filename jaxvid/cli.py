@@ -1,10 +1,14 @@
 """The `jaxvid` command: parse, build the config, call train or sample.
 
 Exit status: 0 done, 2 bad input (one line naming the problem and the fix), 1 anything else.
+A job that seems stuck (a collective waiting for a process that died, a loader that stopped):
+`kill -USR1 PID` prints every thread's Python stack to its stderr and the job goes on.
 """
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 import traceback
 import warnings
@@ -137,9 +141,18 @@ def run(argv: list[str]) -> None:
     export.export_run(args.workdir, args.output, args.step)
 
 
+def _register_stack_dump() -> None:
+  """`kill -USR1 PID` prints every thread's stack to the process's stderr (file descriptor 2)."""
+  try:
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+  except (AttributeError, ValueError, OSError):   # no SIGUSR1 (Windows) or no stderr descriptor
+    pass
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   verbose = "--verbose" in argv
+  _register_stack_dump()
   try:
     run(argv)
   except UserError as e:

@@ -112,3 +112,46 @@ def compiled_train_step(cfg, devices=None):
                                      shardings, loader.shardings(pipeline.batch_spec(cfg)))
   return types.SimpleNamespace(graphdef=graphdef, state=state_lib.create(init, shardings), step=step,
                                loader=loader, mesh=mesh)
+
+
+def run_local(processes: int, devices: int, args: list[str], log_dir, timeout: float = 420, env=None):
+  """`launch/local.sh PROCESSES DEVICES python -m jaxvid ARGS` -> (returncode, process 0's
+  output, process 1's log). On a timeout, every jaxvid process of the job prints its threads'
+  stacks (`kill -USR1`, see jaxvid/cli.py), the whole job is killed (nothing is left running
+  to slow the tests after it) and the test fails showing the stacks."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  env = {k: v for k, v in (env or os.environ).items()
+         if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
+  env["JAXVID_LOG_DIR"] = str(log_dir)
+  proc = subprocess.Popen([os.path.join(REPO, "launch", "local.sh"), str(processes), str(devices), sys.executable,
+                           "-m", "jaxvid", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)
+  log = lambda: "".join(open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir))
+                        if f.startswith("process_"))
+  try:
+    out, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    for pid in _session_pids(proc.pid):
+      if b"jaxvid" in open(f"/proc/{pid}/cmdline", "rb").read():
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate()
+    pytest.fail(f"launch/local.sh {processes} {devices} {' '.join(args[:1])} still running after {timeout} s; "
+                f"stacks follow.\n--- process 0 ---\n{out}\n--- other processes ---\n{log()}")
+  return proc.returncode, out, log()
+
+
+def _session_pids(sid: int) -> list[int]:
+  """Processes of session `sid` (Linux /proc), this one's children by `start_new_session`."""
+  pids = []
+  for name in os.listdir("/proc"):
+    try:
+      if name.isdigit() and int(open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()[3]) == sid:
+        pids.append(int(name))
+    except (OSError, IndexError, ValueError):
+      pass
+  return pids

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, SMALL, TINY
+from conftest import SMALL, TINY, run_local
 
 pytestmark = pytest.mark.multiprocess
 
@@ -63,10 +63,9 @@ def test_two_processes_sample_like_one_and_write_each_item_once(trained_run, tmp
   from jaxvid import cli
   prompts = write_mixed_prompts(tmp_path)
   args = ["sample", "--workdir", str(trained_run), "--prompts", prompts, "--config.sample.batch_size=2"]
-  proc = subprocess.run([os.path.join(REPO, "launch", "local.sh"), "2", "4", sys.executable, "-m", "jaxvid", *args,
-                         "--output", str(tmp_path / "mp"), "--config.mesh.data=2", "--config.mesh.fsdp=4"],
-                        env=_env(JAXVID_LOG_DIR=str(tmp_path / "logs")), capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout + proc.stderr + open(tmp_path / "logs" / "process_1.log").read()
+  rc, out, other = run_local(2, 4, [*args, "--output", str(tmp_path / "mp"), "--config.mesh.data=2",
+                                     "--config.mesh.fsdp=4"], tmp_path / "logs")
+  assert rc == 0, out + other
   assert cli.main([*args, "--output", str(tmp_path / "one")]) == 0          # one process, 8 devices
   assert_same_videos(tmp_path / "one", tmp_path / "mp", "2 processes")
   lines = open(tmp_path / "mp" / "manifest.jsonl").read().splitlines()

@@ -4,13 +4,11 @@ batch of files, and training equals one process."""
 
 import json
 import os
-import subprocess
-import sys
 
 import imageio.v3 as iio
 import pytest
 
-from conftest import REPO, SMALL, TINY, train_small
+from conftest import SMALL, TINY, run_local, train_small
 from jaxvid.data import latents, synthetic
 
 pytestmark = pytest.mark.multiprocess
@@ -33,13 +31,9 @@ def _manifest(folder):
 
 
 def _local(tmp_path, name, *args):
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
-  env["JAXVID_LOG_DIR"] = str(tmp_path / f"logs-{name}")
-  proc = subprocess.run([os.path.join(REPO, "launch", "local.sh"), "2", "2", sys.executable, "-m", "jaxvid", *args],
-                        env=env, capture_output=True, text=True, timeout=600)
-  other = open(tmp_path / f"logs-{name}" / "process_1.log").read()
-  assert proc.returncode == 0, proc.stdout + proc.stderr + other
-  return proc.stdout + proc.stderr, other
+  rc, out, other = run_local(2, 2, list(args), tmp_path / f"logs-{name}")
+  assert rc == 0, out + other
+  return out, other
 
 
 def _metrics(workdir):
