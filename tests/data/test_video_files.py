@@ -185,3 +185,10 @@ def test_manifest_sizes_skip_the_probe(media):
   # Only width and height: a video must still be probed for its length.
   with pytest.raises(video_files.BadFile, match="file not found"):
     video_files.probe(Entry(media.path("missing.mp4"), "x", width=640, height=360))
+
+
+def test_ffmpeg_starts_without_python_in_the_forked_child():
+  # imageio-ffmpeg's default preexec_fn runs Python between fork and exec, which deadlocked the
+  # child in a multithreaded process (a training run that never exited); jaxvid turns it off.
+  import imageio_ffmpeg._utils
+  assert imageio_ffmpeg._utils._popen_kwargs(prevent_sigint=True)["preexec_fn"] is None
