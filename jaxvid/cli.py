@@ -20,7 +20,7 @@ jaxvid train  --config PATH[:ARG] --workdir DIR [--config.KEY=VALUE ...]
 jaxvid sample --workdir DIR (--prompt TEXT | --prompts FILE) --output DIR [--config.KEY=VALUE ...] [--step N] [--strict]
 jaxvid encode --config PATH[:ARG] --manifest FILE --output STORE [--config.KEY=VALUE ...]
 jaxvid export --workdir DIR --output PATH [--step N]
-jaxvid bench  --config PATH[:ARG] [--steps N] [--config.KEY=VALUE ...]"""
+jaxvid bench  --config PATH[:ARG] [--steps N] [--profile DIR] [--config.KEY=VALUE ...]"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="time the train step and the sampling forward of a config; prints JSON last")
   b.add_argument("--config", required=True, help="config file, e.g. configs/bench_cpu.py")
   b.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps); the median is reported")
+  b.add_argument("--profile", default=None, metavar="DIR",
+                 help="also trace one train step and one forward into DIR and print where their time went")
 
   for command in (t, s, c, e, b):
     command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -133,7 +135,7 @@ def run(argv: list[str]) -> None:
       raise UserError("--steps must be at least 1")
     cfg = config_lib.load(args.config, overrides)
     distributed.initialize(cfg, batch=cfg.train.batch_size)
-    bench.main(cfg, args.steps)
+    bench.main(cfg, args.steps, args.profile)
   elif args.command == "export":
     if overrides:
       raise UserError("jaxvid export takes no --config overrides")

@@ -7,12 +7,14 @@ Builds the config's train state on its mesh, compiles the real train step and th
 forward pass (what one sampling step evaluates, per pass of classifier-free guidance), runs
 each on random data of the config's shapes, and reports median seconds after warm-up,
 tokens per second, analytic model FLOPs (perf/flops.py), the device's peak matmul throughput
-timed in the same run, MFU, and peak memory per device. Prints a table, then one JSON object
-as the last line (machine-readable, for comparing runs).
+timed in the same run, MFU, and peak memory per device; with --profile DIR, also where the
+time of a traced step went (matmuls, collectives, the rest; perf/profile.py). Prints a table,
+then one JSON object as the last line (machine-readable, for comparing runs).
 """
 
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -31,6 +33,7 @@ from jaxvid.models import text
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
 from jaxvid.perf import flops as flops_lib
+from jaxvid.perf import profile as profile_lib
 from jaxvid.train import state as state_lib
 from jaxvid.train import step as step_lib
 
@@ -94,8 +97,10 @@ def _memory(compiled) -> int:
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict:
-  """Measures the train step and the sampling forward of `cfg`; returns the figures."""
+def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profile_dir: str | None = None) -> dict:
+  """Measures the train step and the sampling forward of `cfg`; returns the figures. With
+  `profile_dir`, one more train step and forward are traced there (train/, forward/) and the
+  result gets "profile": where their time went (perf/profile.py)."""
   config_lib.validate(cfg, jax.device_count(), train=True)
   if cfg.model.name != "dit":
     raise UserError(f"jaxvid bench times the diffusion transformer; for model.name={cfg.model.name!r} run "
@@ -122,6 +127,10 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dic
     jax.block_until_ready(metrics["loss"])
 
   train_s = _median_time(one_train_step, steps, warmup)
+  profiles = {}
+  if profile_dir:
+    profiles["train"] = profile_lib.breakdown(profile_lib.trace(one_train_step, os.path.join(profile_dir, "train")),
+                                              train_step.as_text())
   memory = _memory(train_step)
 
   # The sampling step's work: one model evaluation of the batch (guidance doubles the batch).
@@ -141,6 +150,9 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dic
   fwd = jax.jit(forward).lower(params, x, t, tokens).compile()
   forward_compile_s = time.perf_counter() - t0
   forward_s = _median_time(lambda: fwd(params, x, t, tokens).block_until_ready(), steps, warmup)
+  if profile_dir:
+    profiles["forward"] = profile_lib.breakdown(profile_lib.trace(lambda: fwd(params, x, t, tokens).block_until_ready(),
+                                                                  os.path.join(profile_dir, "forward")), fwd.as_text())
 
   model_flops = flops_lib.count(cfg, b)
   peak = peak_matmul_flops(jnp.dtype(cfg.model.dtype)) * jax.process_count()   # processes alike
@@ -169,6 +181,7 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dic
       "host": platform.node(),
       "jax": jax.__version__,
       "time": time.time(),
+      **({"profile": profiles, "profile_dir": os.path.abspath(profile_dir)} if profiles else {}),
   }
 
 
@@ -187,7 +200,9 @@ def table(r: dict) -> str:
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def main(cfg: ml_collections.ConfigDict, steps: int) -> None:
-  result = run(cfg, steps=steps)
+def main(cfg: ml_collections.ConfigDict, steps: int, profile_dir: str | None = None) -> None:
+  result = run(cfg, steps=steps, profile_dir=profile_dir)
   print(table(result))
+  for name, b in result.get("profile", {}).items():
+    print(profile_lib.table(f"{name} step, op time by kind (trace in {result['profile_dir']}/{name})", b))
   print(json.dumps(result, sort_keys=True))

@@ -1,0 +1,37 @@
+"""`jaxvid bench --profile`: a real profiler trace of a train step and a forward, read back and
+summed by kind of XLA op (jaxvid/perf/profile.py)."""
+
+import glob
+import json
+
+import pytest
+
+from conftest import SMALL, TINY
+from jaxvid import cli
+from jaxvid.perf import profile
+
+
+def test_kinds_of_ops():
+  assert [profile.kind(n) for n in ("dot.3", "ynn_fusion.58", "convolution.1", "all-reduce.253", "Rendezvous",
+                                    "Wait: pending_threads=1/2", "multiply_add_fusion.2", "while.905")] == \
+      ["matmul", "matmul", "matmul", "collective", "collective", "collective", "other", "other"]
+
+
+def test_bench_profile_says_where_the_time_went(tmp_path, capsys):
+  assert cli.main(["bench", "--config", TINY, *SMALL, "--steps", "1", "--config.mesh.data=-1",
+                   "--profile", str(tmp_path / "prof")]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  result = json.loads(lines[-1])
+  for name in ("train", "forward"):
+    assert glob.glob(str(tmp_path / "prof" / name / "**" / "*.xplane.pb"), recursive=True), name
+    assert any(line.startswith(f"{name} step, op time by kind") for line in lines[:-1])
+    b = result["profile"][name]
+    assert sum(b["fraction"].values()) == pytest.approx(1.0)
+    assert b["seconds"]["matmul"] > 0 and all(s >= 0 for s in b["seconds"].values())
+    assert b["top"] and all(s >= 0 for _, _, s, _ in b["top"])
+    assert any(shape.startswith("f32[") for _, _, _, shape in b["top"])      # shapes from the compiled HLO
+  # 8 devices, data-parallel: the gradients are all-reduced, and no device can have run ops for
+  # longer than the traced step (one step of at most a few times the median; 8 devices).
+  train = result["profile"]["train"]["seconds"]
+  assert train["collective"] > 0
+  assert sum(train.values()) < 8 * 5 * result["train_step_s"]
