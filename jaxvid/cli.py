@@ -147,7 +147,7 @@ def _register_stack_dump() -> None:
   """`kill -USR1 PID` prints every thread's stack to the process's stderr (file descriptor 2)."""
   try:
     faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
-  except (AttributeError, ValueError, OSError):   # no SIGUSR1 (Windows) or no stderr descriptor
+  except (AttributeError, ValueError, OSError, RuntimeError):   # no SIGUSR1 (Windows), no stderr
     pass
 
 

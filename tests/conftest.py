@@ -135,14 +135,28 @@ def run_local(processes: int, devices: int, args: list[str], log_dir, timeout: f
     out, _ = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
     for pid in _session_pids(proc.pid):
-      if b"jaxvid" in open(f"/proc/{pid}/cmdline", "rb").read():
-        os.kill(pid, signal.SIGUSR1)
+      try:
+        if b"\0-m\0jaxvid\0" in open(f"/proc/{pid}/cmdline", "rb").read():
+          os.kill(pid, signal.SIGUSR1)
+      except OSError:          # it ended meanwhile
+        pass
     time.sleep(3)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_session(proc)
     out, _ = proc.communicate()
     pytest.fail(f"launch/local.sh {processes} {devices} {' '.join(args[:1])} still running after {timeout} s; "
                 f"stacks follow.\n--- process 0 ---\n{out}\n--- other processes ---\n{log()}")
+  except BaseException:        # an interrupted test run: the job is in its own session, Ctrl-C missed it
+    _kill_session(proc)
+    raise
   return proc.returncode, out, log()
+
+
+def _kill_session(proc) -> None:
+  import signal
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except OSError:
+    pass
 
 
 def _session_pids(sid: int) -> list[int]:

@@ -27,14 +27,32 @@ log = logging.getLogger("jaxvid")
 # Orbax writes this file last, after every item of a step is on disk.
 COMMIT_MARKER = "commit_success.txt"
 # An array replicated over devices is written in slices, one per replica (orbax's replica-parallel
-# save), only where a slice is at least this big: each slice is a small program to compile and
-# run, which cost more than it saved on small arrays (on 8 CPU devices, the first save of a tiny
-# model took 12 s, nearly all slicing; two checkpointing tests 110 -> 94 s); large parameters
-# are still written by all their replicas.
+# save), only where each slice is at least this big: every slice is a small program to compile
+# and run, which cost more than it saved on small arrays (on 8 CPU devices the first save of a
+# tiny model took 12 s, nearly all slicing; two checkpointing tests 110 -> 94 s). Arrays of at
+# least this size times their replica count are still written by all their replicas. The rest
+# of orbax's default jax.Array handler is kept (its array metadata store; orbax 0.12 has no
+# public name for it, so without that module the default handler stays).
 MIN_REPLICA_SLICE_BYTES = 4 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
-    override=True)
+
+
+def _register_array_handler() -> None:
+  try:
+    from orbax.checkpoint._src.metadata import array_metadata_store
+  except ImportError:
+    return
+  handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+                                           array_metadata_store=array_metadata_store.Store())
+  absl_log = logging.getLogger("absl")      # orbax warns about any override
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_log.setLevel(level)
+
+
+_register_array_handler()
 
 
 def with_shardings(abstract, shardings):

@@ -13,8 +13,20 @@ from jaxvid.perf import profile
 
 def test_kinds_of_ops():
   assert [profile.kind(n) for n in ("dot.3", "ynn_fusion.58", "convolution.1", "all-reduce.253", "Rendezvous",
-                                    "Wait: pending_threads=1/2", "multiply_add_fusion.2", "while.905")] == \
-      ["matmul", "matmul", "matmul", "collective", "collective", "collective", "other", "other"]
+                                    "Wait: pending_threads=1/2", "multiply_add_fusion.2", "while.905", "convert.3",
+                                    "convert_bitcast_fusion")] == \
+      ["matmul", "matmul", "matmul", "collective", "collective", "collective", "other", "other", "other", "other"]
+
+
+def test_a_lone_matmul_is_all_matmul(tmp_path):
+  # One matmul on one device: whichever thread runs it, its time is found and counted as matmul.
+  import jax
+  import jax.numpy as jnp
+  x = jax.device_put(jnp.ones((512, 512)), jax.devices()[0])
+  f = jax.jit(lambda x: x @ x).lower(x).compile()
+  f(x).block_until_ready()
+  b = profile.breakdown(profile.trace(lambda: f(x).block_until_ready(), str(tmp_path)), f.as_text())
+  assert b["seconds"]["matmul"] > 0 and b["fraction"]["matmul"] > 0.5, b
 
 
 def test_bench_profile_says_where_the_time_went(tmp_path, capsys):
