@@ -6,6 +6,7 @@ A job that seems stuck (a collective waiting for a process that died, a loader t
 """
 
 import argparse
+import contextlib
 import faulthandler
 import logging
 import signal
@@ -79,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
-  # imageio-ffmpeg starts ffmpeg with fork+exec, which is safe; JAX warns about any fork.
+  # JAX warns whenever Python's fork hooks run: a subprocess started with a preexec_fn (ffmpeg no
+  # longer is, see jaxvid/__init__.py) or a fork-started worker of a library.
   warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
   logging.basicConfig(level=logging.INFO, format="jaxvid: %(message)s", stream=sys.stderr, force=True)
   # grain's worker processes read absl flags, which only an absl app would have parsed.
@@ -145,10 +147,9 @@ def run(argv: list[str]) -> None:
 
 def _register_stack_dump() -> None:
   """`kill -USR1 PID` prints every thread's stack to the process's stderr (file descriptor 2)."""
-  try:
+  # Not on Windows (no SIGUSR1), nor where there is no stderr to print to.
+  with contextlib.suppress(AttributeError, ValueError, OSError, RuntimeError):
     faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
-  except (AttributeError, ValueError, OSError, RuntimeError):   # no SIGUSR1 (Windows), no stderr
-    pass
 
 
 def main(argv: list[str] | None = None) -> int:

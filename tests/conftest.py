@@ -2,6 +2,10 @@
 config for end-to-end tests."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 # Tests are dominated by XLA:CPU compiles; LLVM's optimization passes take about half of each
 # and buy nothing for programs this small (a test of remat: 44 s -> 26 s).
@@ -119,10 +123,6 @@ def run_local(processes: int, devices: int, args: list[str], log_dir, timeout: f
   output, process 1's log). On a timeout, every jaxvid process of the job prints its threads'
   stacks (`kill -USR1`, see jaxvid/cli.py), the whole job is killed (nothing is left running
   to slow the tests after it) and the test fails showing the stacks."""
-  import signal
-  import subprocess
-  import sys
-  import time
   env = {k: v for k, v in (env or os.environ).items()
          if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
   env["JAXVID_LOG_DIR"] = str(log_dir)
@@ -152,7 +152,6 @@ def run_local(processes: int, devices: int, args: list[str], log_dir, timeout: f
 
 
 def _kill_session(proc) -> None:
-  import signal
   try:
     os.killpg(proc.pid, signal.SIGKILL)
   except OSError:

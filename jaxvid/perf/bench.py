@@ -149,10 +149,11 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profil
   t0 = time.perf_counter()
   fwd = jax.jit(forward).lower(params, x, t, tokens).compile()
   forward_compile_s = time.perf_counter() - t0
-  forward_s = _median_time(lambda: fwd(params, x, t, tokens).block_until_ready(), steps, warmup)
+  one_forward = lambda: fwd(params, x, t, tokens).block_until_ready()
+  forward_s = _median_time(one_forward, steps, warmup)
   if profile_dir:
-    profiles["forward"] = profile_lib.breakdown(profile_lib.trace(lambda: fwd(params, x, t, tokens).block_until_ready(),
-                                                                  os.path.join(profile_dir, "forward")), fwd.as_text())
+    profiles["forward"] = profile_lib.breakdown(profile_lib.trace(one_forward, os.path.join(profile_dir, "forward")),
+                                                fwd.as_text())
 
   model_flops = flops_lib.count(cfg, b)
   peak = peak_matmul_flops(jnp.dtype(cfg.model.dtype)) * jax.process_count()   # processes alike
