@@ -4,8 +4,9 @@
   jaxvid bench --config configs/dit.py:B --config.train.batch_size=8 --config.model.attention=xla
 
 Builds the config's train state on its mesh, compiles the real train step and the model's
-forward pass (what one sampling step evaluates, per pass of classifier-free guidance), runs
-each on random data of the config's shapes, and reports median seconds after warm-up,
+forward pass (what one sampling step evaluates, per pass of classifier-free guidance; timed
+as the sampler runs it, SAMPLING_STEPS Euler steps in one program, per step), runs each on
+random data of the config's shapes, and reports median seconds after warm-up,
 tokens per second, analytic model FLOPs (perf/flops.py), the device's peak matmul throughput
 timed in the same run, MFU, and peak memory per device; with --profile DIR, also where the
 time of a traced step went (matmuls, collectives, the rest; perf/profile.py). Prints a table,
@@ -27,6 +28,7 @@ import numpy as np
 
 from jaxvid import config as config_lib
 from jaxvid.data import pipeline
+from jaxvid.diffusion import samplers
 from jaxvid.errors import UserError
 from jaxvid.models import autoencoder
 from jaxvid.models import text
@@ -38,6 +40,8 @@ from jaxvid.train import state as state_lib
 from jaxvid.train import step as step_lib
 
 log = logging.getLogger("jaxvid")
+# Sampling steps per timed call of the forward (see `run`).
+SAMPLING_STEPS = 4
 
 
 def step_times(fn, steps: int, warmup: int) -> list[float]:
@@ -133,26 +137,29 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profil
                                               train_step.as_text())
   memory = _memory(train_step)
 
-  # The sampling step's work: one model evaluation of the batch (guidance doubles the batch).
+  # The sampling step's work: one model evaluation of the batch (guidance doubles the batch), run
+  # as `jaxvid sample` runs it: SAMPLING_STEPS Euler steps chained in one program (the sampler's
+  # fori_loop), timed per step. A program allocates its scratch memory once per call (on CPU,
+  # fresh pages each time), so one forward per call would also time that allocation.
   b = cfg.train.batch_size
 
-  def forward(params, x, t, tokens):
+  def sampling_steps(params, x, tokens):
     with sharding.activation_rules(mesh, rules):
       model = nnx.merge(graphdef, params)
       emb, mask = model.encode_text(tokens)
-      return model(x, t, emb, mask)
+      ts = jnp.broadcast_to(jnp.linspace(1.0, 0.0, SAMPLING_STEPS + 1), (x.shape[0], SAMPLING_STEPS + 1))
+      return samplers.Euler(SAMPLING_STEPS).sample(lambda x, t: model(x, t, emb, mask), x, ts)
 
   x = jax.device_put(jnp.zeros((b, *config_lib.latent_shape(cfg)), jnp.float32), mesh_lib.batch_sharding(mesh, rules, 5))
-  t = jax.device_put(jnp.full((b,), 0.5, jnp.float32), mesh_lib.batch_sharding(mesh, rules, 1))
   tokens = jax.device_put(batch["tokens"], mesh_lib.batch_sharding(mesh, rules, 2))
   params = holder[0].params
   t0 = time.perf_counter()
-  fwd = jax.jit(forward).lower(params, x, t, tokens).compile()
+  fwd = jax.jit(sampling_steps).lower(params, x, tokens).compile()
   forward_compile_s = time.perf_counter() - t0
-  one_forward = lambda: fwd(params, x, t, tokens).block_until_ready()
-  forward_s = _median_time(one_forward, steps, warmup)
+  one_call = lambda: fwd(params, x, tokens).block_until_ready()
+  forward_s = _median_time(one_call, steps, warmup) / SAMPLING_STEPS
   if profile_dir:
-    profiles["forward"] = profile_lib.breakdown(profile_lib.trace(one_forward, os.path.join(profile_dir, "forward")),
+    profiles["forward"] = profile_lib.breakdown(profile_lib.trace(one_call, os.path.join(profile_dir, "forward")),
                                                 fwd.as_text())
 
   model_flops = flops_lib.count(cfg, b)
@@ -171,6 +178,7 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profil
       "forward_compile_s": forward_compile_s,
       "train_step_s": train_s,
       "forward_s": forward_s,
+      "forward_steps_per_call": SAMPLING_STEPS,
       "tokens_per_s": tokens_per_step / train_s,
       "flops_per_step": model_flops.train,
       "forward_flops": model_flops.forward,
@@ -204,6 +212,7 @@ def table(r: dict) -> str:
 def main(cfg: ml_collections.ConfigDict, steps: int, profile_dir: str | None = None) -> None:
   result = run(cfg, steps=steps, profile_dir=profile_dir)
   print(table(result))
+  calls = {"train": "train step", "forward": f"forward ({SAMPLING_STEPS} sampling steps in one call)"}
   for name, b in result.get("profile", {}).items():
-    print(profile_lib.table(f"{name} step, op time by kind (trace in {result['profile_dir']}/{name})", b))
+    print(profile_lib.table(f"{calls[name]}, op time by kind (trace in {result['profile_dir']}/{name})", b))
   print(json.dumps(result, sort_keys=True))

@@ -64,9 +64,10 @@ def test_bench_prints_a_table_then_one_json_object(capsys):
   lines = capsys.readouterr().out.strip().splitlines()
   result = json.loads(lines[-1])
   for key in ("train_step_s", "forward_s", "compile_s", "tokens_per_s", "flops_per_step", "peak_flops", "mfu",
-              "peak_memory_bytes", "device"):
+              "peak_memory_bytes", "device", "forward_steps_per_call"):
     assert key in result, key
   assert result["train_step_s"] > 0 and result["forward_s"] > 0 and result["peak_flops"] > 1e8
   assert result["mfu"] == pytest.approx(result["flops_per_step"] / result["train_step_s"] / result["peak_flops"])
+  assert result["forward_mfu"] == pytest.approx(result["forward_flops"] / result["forward_s"] / result["peak_flops"])
   assert result["device"].startswith("8 x")
   assert any(line.startswith("train step") for line in lines[:-1])

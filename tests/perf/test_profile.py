@@ -36,7 +36,8 @@ def test_bench_profile_says_where_the_time_went(tmp_path, capsys):
   result = json.loads(lines[-1])
   for name in ("train", "forward"):
     assert glob.glob(str(tmp_path / "prof" / name / "**" / "*.xplane.pb"), recursive=True), name
-    assert any(line.startswith(f"{name} step, op time by kind") for line in lines[:-1])
+    title = "train step" if name == "train" else f"forward ({result['forward_steps_per_call']} sampling steps in one call)"
+    assert any(line.startswith(f"{title}, op time by kind") for line in lines[:-1])
     b = result["profile"][name]
     assert sum(b["fraction"].values()) == pytest.approx(1.0)
     assert b["seconds"]["matmul"] > 0 and all(s >= 0 for s in b["seconds"].values())
