@@ -109,6 +109,11 @@ def base_config() -> ConfigDict:
   c.optim.ema_decay = 0.999
 
   c.train = ConfigDict(dict(steps=1000, batch_size=8, log_every=50))
+  # Train steps run back to back in one compiled program (a scan over that many batches) between
+  # logging, checkpoint and evaluation points: fewer calls, and the step's scratch memory is
+  # allocated once per call (on CPU, fresh pages every call: train step ~13% faster at 4 in
+  # configs/bench_cpu.py). A stop request is honoured at the end of the call.
+  c.train.steps_per_call = 1
   # Keep the last `keep` checkpoints plus every `keep_every`-th step (0: none); save in the background.
   c.checkpoint = ConfigDict(dict(every=500, keep=3, keep_every=0, async_save=True))
 
@@ -339,7 +344,7 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
     raise UserError(f"encode.dtype must be one of {LATENT_DTYPES} and encode.batch_size >= 1")
   if cfg.data.split not in ("train", "heldout", "all"):
     raise UserError(f"data.split={cfg.data.split!r} must be 'train', 'heldout' or 'all'")
-  for key in ("steps", "batch_size", "log_every"):
+  for key in ("steps", "batch_size", "log_every", "steps_per_call"):
     if cfg.train[key] < 1:
       raise UserError(f"train.{key}={cfg.train[key]} must be at least 1")
   if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1 or cfg.checkpoint.keep_every < 0:

@@ -3,8 +3,8 @@
   jaxvid bench --config configs/bench_cpu.py
   jaxvid bench --config configs/dit.py:B --config.train.batch_size=8 --config.model.attention=xla
 
-Builds the config's train state on its mesh, compiles the real train step and the model's
-forward pass (what one sampling step evaluates, per pass of classifier-free guidance; timed
+Builds the config's train state on its mesh, compiles the real train step (train.steps_per_call
+steps a call, timed per step) and the model's forward pass (what one sampling step evaluates, per pass of classifier-free guidance; timed
 as the sampler runs it, SAMPLING_STEPS Euler steps in one program, per step), runs each on
 random data of the config's shapes, and reports median seconds after warm-up,
 tokens per second, analytic model FLOPs (perf/flops.py), the device's peak matmul throughput
@@ -119,21 +119,25 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profil
   batch = random_batch(cfg, batch_shardings)
   ae_params = autoencoder.make(cfg).load(mesh)   # the step encodes pixels with it (none in pixel space)
 
+  # train.steps_per_call steps a call, as `jaxvid train` runs them (the same batch each step here).
+  per_call = cfg.train.steps_per_call
+  args = batch if per_call == 1 else [batch] * per_call
   t0 = time.perf_counter()
   train_step = step_lib.compile_train_step(step_lib.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
-                                           shardings, batch_shardings, ae_params).lower(state, batch, ae_params).compile()
+                                           shardings, batch_shardings, ae_params, per_call)
+  train_step = train_step.lower(state, args, ae_params).compile()
   compile_s = time.perf_counter() - t0
 
   holder = [state]
 
-  def one_train_step():
-    holder[0], metrics = train_step(holder[0], batch, ae_params)
+  def one_train_call():
+    holder[0], metrics = train_step(holder[0], args, ae_params)
     jax.block_until_ready(metrics["loss"])
 
-  train_s = _median_time(one_train_step, steps, warmup)
+  train_s = _median_time(one_train_call, steps, warmup) / per_call
   profiles = {}
   if profile_dir:
-    profiles["train"] = profile_lib.breakdown(profile_lib.trace(one_train_step, os.path.join(profile_dir, "train")),
+    profiles["train"] = profile_lib.breakdown(profile_lib.trace(one_train_call, os.path.join(profile_dir, "train")),
                                               train_step.as_text())
   memory = _memory(train_step)
 
@@ -177,6 +181,7 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profil
       "compile_s": compile_s,
       "forward_compile_s": forward_compile_s,
       "train_step_s": train_s,
+      "train_steps_per_call": per_call,
       "forward_s": forward_s,
       "forward_steps_per_call": SAMPLING_STEPS,
       "tokens_per_s": tokens_per_step / train_s,
@@ -212,7 +217,9 @@ def table(r: dict) -> str:
 def main(cfg: ml_collections.ConfigDict, steps: int, profile_dir: str | None = None) -> None:
   result = run(cfg, steps=steps, profile_dir=profile_dir)
   print(table(result))
-  calls = {"train": "train step", "forward": f"forward ({SAMPLING_STEPS} sampling steps in one call)"}
+  per_call = result["train_steps_per_call"]
+  calls = {"train": "train step" if per_call == 1 else f"train ({per_call} steps in one call)",
+           "forward": f"forward ({SAMPLING_STEPS} sampling steps in one call)"}
   for name, b in result.get("profile", {}).items():
     print(profile_lib.table(f"{calls[name]}, op time by kind (trace in {result['profile_dir']}/{name})", b))
   print(json.dumps(result, sort_keys=True))

@@ -140,35 +140,56 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
     autoencoder.check_record(ae, workdir)
   ae_params = ae.load(mesh)
 
-  # The step, compiled ahead of time once per bucket shape.
-  step_fn = step_lib.compile_train_step(task.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
-                                        shardings, loader.shardings(loader.specs[0]), ae_params)
-  train_steps, batch_tokens = {}, {}
-  for spec in loader.specs:
-    t0 = time.time()
-    train_steps[_shapes(spec)] = step_fn.lower(state, spec, ae_params).compile()
-    batch_tokens[_shapes(spec)] = task.tokens(cfg, spec)
-    log.info("compiled the train step for batches of %s in %.1f s", _describe(spec), time.time() - t0)
-  evaluate = task.make_evaluator(cfg, graphdef, mesh, rules)   # None: the family has no evaluation
+  # The step, compiled ahead of time once per bucket shape (train.steps_per_call steps in one
+  # program; a single step compiled when first needed: at a logging point that is not a whole
+  # number of calls away, or for a call's worth of batches from different buckets).
+  per_call = cfg.train.steps_per_call
+  make_step = task.make_train_step(cfg, graphdef, tx, schedule)
+  batch_shardings = loader.shardings(loader.specs[0])
+  specs = {_shapes(spec): spec for spec in loader.specs}
+  programs, batch_tokens = {}, {key: task.tokens(cfg, spec) for key, spec in specs.items()}
 
-  # The loop.
+  def program(key, steps):
+    if (key, steps) not in programs:
+      t0 = time.time()
+      fn = step_lib.compile_train_step(make_step, mesh, rules, shardings, batch_shardings, ae_params, steps)
+      args = specs[key] if steps == 1 else [specs[key]] * steps
+      programs[key, steps] = fn.lower(state, args, ae_params).compile()
+      log.info("compiled the train step for batches of %s%s in %.1f s", _describe(specs[key]),
+               f", {steps} steps a call" if steps > 1 else "", time.time() - t0)
+    return programs[key, steps]
+
+  evaluate = task.make_evaluator(cfg, graphdef, mesh, rules)   # None: the family has no evaluation
+  # Steps between logging, checkpoint and evaluation points: a call never runs across one.
+  points = [cfg.train.log_every, cfg.checkpoint.every] + ([evaluate.every] if evaluate is not None else [])
   start, total = int(state.step), cfg.train.steps
   if start >= total:
     log.info("already at step %d of train.steps=%d: nothing to do", start, total)
     checkpointer.close()
     return
+  for key in specs:
+    program(key, per_call if per_call <= min(points + [total - start]) else 1)
+
+  # The loop: calls of up to train.steps_per_call steps.
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   bar = tqdm.tqdm(initial=start, total=total, desc="train", unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
-  last_time, last_step, saved, tokens = time.time(), start, start, 0
+  last_time, last_step, saved, tokens, done, calls_made = time.time(), start, start, 0, start, 0
   skipped = loader.skipped_at_start   # files dropped at startup, then those replaced in batches (on device)
   with preemption.StopRequest() as stop:
-    for step in range(start, total):
-      batch = next(loader)
-      state, metrics = train_steps[_shapes(batch)](state, batch, ae_params)
-      skipped = skipped + metrics.pop("data/skipped")
-      tokens += batch_tokens[_shapes(batch)]
-      done = step + 1
+    while done < total:
+      n = min(per_call, total - done, *(every - done % every for every in points))
+      batches = [next(loader) for _ in range(n)]
+      keys = [_shapes(b) for b in batches]
+      if n > 1 and n == per_call and len(set(keys)) == 1:
+        calls = [(program(keys[0], n), batches)]
+      else:
+        calls = [(program(key, 1), b) for key, b in zip(keys, batches)]
+      for fn, args in calls:
+        state, metrics = fn(state, args, ae_params)
+        skipped = skipped + metrics.pop("data/skipped")
+      tokens += sum(batch_tokens[key] for key in keys)
+      done += n
       evaluating = evaluate is not None and (done % evaluate.every == 0 or done == total)
       if done % cfg.train.log_every == 0 or done == total or evaluating:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -181,8 +202,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
         last_time, last_step, tokens = time.time(), done, 0   # evaluation time is not step time
         writer.write(done, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_per_s=f"{steps_per_sec:.2f}")
-      bar.update(1)
-      stopping = stop.should_stop(done)
+      bar.update(n)
+      calls_made += 1
+      stopping = stop.should_stop(calls_made)
       if done % cfg.checkpoint.every == 0 or done == total or stopping:
         checkpointer.save(done, state, loader.iterator, cfg)
         saved = done

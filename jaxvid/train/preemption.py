@@ -37,9 +37,11 @@ class StopRequest:
     log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
                 signal.Signals(signum).name)
 
-  def should_stop(self, step: int) -> bool:
-    """True on every process at the same step once any process was asked to stop."""
+  def should_stop(self, count: int) -> bool:
+    """True on every process at the same point once any process was asked to stop. `count`
+    goes up by one at each such point, the same on every process (JAX's preemption sync
+    point is one of these counts)."""
     if jax.process_count() == 1:
       return self.signal is not None
     asked = multihost_utils.process_allgather(np.array(self.signal is not None))
-    return bool(np.any(asked)) or multihost_utils.reached_preemption_sync_point(step)
+    return bool(np.any(asked)) or multihost_utils.reached_preemption_sync_point(count)

@@ -79,16 +79,30 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
 
 def compile_train_step(train_step, mesh: Mesh, rules: sharding.Rules, state_shardings, batch_shardings,
-                       ae_params=None):
+                       ae_params=None, steps: int = 1):
   """jit of step(state, batch, ae_params) with explicit shardings; the state is donated (updated
-  in place). `ae_params` (arrays or shapes) give the autoencoder parameters' shardings."""
+  in place). `ae_params` (arrays or shapes) give the autoencoder parameters' shardings.
+
+  steps > 1: step(state, batches, ae_params) takes a list of `steps` batches of one shape and
+  runs them back to back in one program (stacked, then a lax.scan of train_step), returning the
+  last step's metrics with data/skipped summed over the steps: the same states and metrics as
+  `steps` calls (train.steps_per_call).
+  """
   ae_shardings = jax.tree.map(lambda a: a.sharding, ae_params or {})
 
   def step(state, batch, ae_params):
     with sharding.activation_rules(mesh, rules):
-      return train_step(state, batch, ae_params)
+      if steps == 1:
+        return train_step(state, batch, ae_params)
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batch)
+      stacked = jax.lax.with_sharding_constraint(stacked, {k: NamedSharding(mesh, P(None, *s.spec))
+                                                           for k, s in batch_shardings.items()})
+      state, metrics = jax.lax.scan(lambda st, b: train_step(st, b, ae_params), state, stacked)
+      last = jax.tree.map(lambda m: m[-1], metrics)
+      return state, {**last, "data/skipped": jnp.sum(metrics["data/skipped"])}
 
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings, ae_shardings),
+  in_batch = batch_shardings if steps == 1 else [batch_shardings] * steps
+  return jax.jit(step, in_shardings=(state_shardings, in_batch, ae_shardings),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 

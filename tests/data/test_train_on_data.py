@@ -40,6 +40,13 @@ def test_train_on_files(media, tmp_path, capsys):
     assert f"compiled the train step for batches of {shape}" in err, err
   saved = config.from_json(open(tmp_path / "run" / "config.json").read())
   assert saved.data.source == "files" and saved.data.buckets == ((4, 16, 16), (1, 16, 16))
+  # Three steps a call: the epoch's batches come from both buckets, so they run one by one
+  # (the same steps as above); a call's batches are never stacked across buckets.
+  assert train_small(tmp_path / "per_call", *data, *RUN, "--config.train.steps_per_call=3",
+                     "--config.train.log_every=3") == 0
+  (last,) = _metrics(tmp_path / "per_call")
+  assert last["step"] == 3 and last["data/skipped"] == rows[-1]["data/skipped"]
+  np.testing.assert_allclose(last["loss"], rows[-1]["loss"], rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -68,6 +68,29 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
   assert len(_metrics(tmp_path / "twice")) == 6
 
 
+def test_steps_per_call_trains_like_one_step_a_call(tmp_path):
+  # 7 steps, logged and saved every 3: calls of 3, 3, then 1 (never across a logging point).
+  common = ("--config.train.steps=7", "--config.train.log_every=3", "--config.checkpoint.every=3")
+  assert train_small(tmp_path / "one", *common) == 0
+  assert train_small(tmp_path / "three", *common, "--config.train.steps_per_call=3") == 0
+  one, three = _metrics(tmp_path / "one"), _metrics(tmp_path / "three")
+  assert [r["step"] for r in three] == [r["step"] for r in one] == [3, 6, 7]
+  for key in ("loss", "grad_norm", "lr"):           # the last step's metrics of each call
+    np.testing.assert_allclose([r[key] for r in three], [r[key] for r in one], rtol=1e-5)
+  kept = lambda run: sorted(os.listdir(tmp_path / run / "checkpoints"))
+  assert kept("three") == kept("one") and "7" in kept("one")
+  a, b = _restore(tmp_path / "one", 7), _restore(tmp_path / "three", 7)
+  assert int(b.step) == 7
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_steps_per_call_must_be_positive(tmp_path, capsys):
+  assert train_small(tmp_path / "run", "--config.train.steps_per_call=0") != 0
+  assert "train.steps_per_call=0 must be at least 1" in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()
+
+
 def _snapshot(root):
   return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
 
