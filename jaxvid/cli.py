@@ -70,9 +70,11 @@ def _parser() -> argparse.ArgumentParser:
   b = sub.add_parser("bench", prog="jaxvid bench",
                      help="time the train step and the sampling forward of a config; prints JSON last")
   b.add_argument("--config", required=True, help="config file, e.g. configs/bench_cpu.py")
-  b.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps); the median is reported")
+  b.add_argument("--steps", type=int, default=10,
+                 help="timed steps (after 2 warm-up steps), in whole calls of train.steps_per_call steps "
+                      "(of 4 sampling steps for the forward); the median per step is reported")
   b.add_argument("--profile", default=None, metavar="DIR",
-                 help="also trace one train step and one forward into DIR and print where their time went")
+                 help="also trace one train call and one forward call into DIR and print where their time went")
 
   for command in (t, s, c, e, b):
     command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

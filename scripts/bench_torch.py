@@ -13,7 +13,10 @@ forward + MSE loss against a random target + backward + AdamW step, the forward 
 `torch.no_grad()`; both are the median of `--steps` after 2 warm-up steps. The jaxvid side is
 `jaxvid.perf.bench.run` (what `jaxvid bench` prints) on the same config, in the same process,
 on the CPU devices `jaxvid bench` makes (one per core: distributed.cpu_devices; the batch is
-split over them as over any mesh); `--config.KEY=VALUE` overrides go to that config, and shape keys (model.*,
+split over them as over any mesh), timed per step as jaxvid runs its steps: the config's
+train.steps_per_call train steps in one program (4 in configs/bench_cpu.py; each step the
+full forward, backward and AdamW update), the forward as 4 sampling steps of jaxvid's
+sampler loop; `--config.KEY=VALUE` overrides go to that config, and shape keys (model.*,
 text.width, text.max_len, video.*, train.batch_size) shape the PyTorch model too. The PyTorch
 side is always float32 eager, without gradient checkpointing, whatever model.dtype,
 model.remat and model.attention say.

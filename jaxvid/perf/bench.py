@@ -61,6 +61,13 @@ def _median_time(fn, steps: int, warmup: int) -> float:
   return statistics.median(step_times(fn, steps, warmup))
 
 
+def _per_step(fn, per_call: int, steps: int, warmup: int) -> float:
+  """Median seconds per step of fn(), a call of `per_call` steps, over enough calls to cover
+  `steps` timed steps after `warmup` untimed ones (at least one call each)."""
+  calls = lambda n: max(1, -(-n // per_call))
+  return _median_time(fn, calls(steps), calls(warmup)) / per_call
+
+
 def peak_matmul_flops(dtype, size: int | None = None, steps: int = 5) -> float:
   """FLOP/s of square matmuls in `dtype`, one on each of this process's devices at the same time,
   summed; median of `steps`. Simulated CPU devices share the host's cores, so on a CPU this is
@@ -134,7 +141,7 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profil
     holder[0], metrics = train_step(holder[0], args, ae_params)
     jax.block_until_ready(metrics["loss"])
 
-  train_s = _median_time(one_train_call, steps, warmup) / per_call
+  train_s = _per_step(one_train_call, per_call, steps, warmup)
   profiles = {}
   if profile_dir:
     profiles["train"] = profile_lib.breakdown(profile_lib.trace(one_train_call, os.path.join(profile_dir, "train")),
@@ -161,7 +168,7 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profil
   fwd = jax.jit(sampling_steps).lower(params, x, tokens).compile()
   forward_compile_s = time.perf_counter() - t0
   one_call = lambda: fwd(params, x, tokens).block_until_ready()
-  forward_s = _median_time(one_call, steps, warmup) / SAMPLING_STEPS
+  forward_s = _per_step(one_call, SAMPLING_STEPS, steps, warmup)
   if profile_dir:
     profiles["forward"] = profile_lib.breakdown(profile_lib.trace(one_call, os.path.join(profile_dir, "forward")),
                                                 fwd.as_text())
