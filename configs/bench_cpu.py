@@ -17,7 +17,7 @@ def get_config(arg: str = ""):
   c.model.update(patch=(1, 2, 2), width=384, depth=8, heads=6, mlp_dim=1536, dtype="float32",
                  scan_unroll=8)   # all layers in one program: train step ~9% faster on CPU (compile 14 -> 25 s)
   c.text.update(encoder="words", max_len=32, width=64, depth=1, heads=1, mlp_dim=256)
-  c.train.update(batch_size=2, steps=10, steps_per_call=4)   # 4 steps a call: train step ~13% faster on CPU
+  c.train.update(batch_size=2, steps=10, steps_per_call=4)   # 4 steps a call: train step ~12% faster on CPU
   c.distributed.cpu_devices = 0   # a CPU device per core (2 here): train step ~20% faster, forward ~25%
   c.optim.update(weight_decay=0.01)
   c.sample.update(guidance=4.0)

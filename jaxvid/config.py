@@ -111,8 +111,9 @@ def base_config() -> ConfigDict:
   c.train = ConfigDict(dict(steps=1000, batch_size=8, log_every=50))
   # Train steps run back to back in one compiled program (a scan over that many batches) between
   # logging, checkpoint and evaluation points: fewer calls, and the step's scratch memory is
-  # allocated once per call (on CPU, fresh pages every call: train step ~13% faster at 4 in
-  # configs/bench_cpu.py). A stop request is honoured at the end of the call.
+  # allocated once per call (on CPU, fresh pages every call: train step ~12% faster at 4 in
+  # configs/bench_cpu.py). A stop request is honoured at the end of the call. Only batches of one
+  # bucket share a call: with several buckets (data.buckets) most calls run step by step.
   c.train.steps_per_call = 1
   # Keep the last `keep` checkpoints plus every `keep_every`-th step (0: none); save in the background.
   c.checkpoint = ConfigDict(dict(every=500, keep=3, keep_every=0, async_save=True))

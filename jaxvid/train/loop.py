@@ -167,8 +167,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
     log.info("already at step %d of train.steps=%d: nothing to do", start, total)
     checkpointer.close()
     return
+  # Up front, so that no compile lands inside a timed interval: the k-step program where a call
+  # can be whole, the single step where a call can fall short (a point, the start or the end not
+  # a whole number of calls away, or batches of several buckets).
+  whole = per_call > 1 and per_call <= min(points + [total - start])
+  short = not whole or len(specs) > 1 or any(x % per_call for x in points + [start, total])
   for key in specs:
-    program(key, per_call if per_call <= min(points + [total - start]) else 1)
+    for steps in [per_call] * whole + [1] * short:
+      program(key, steps)
 
   # The loop: calls of up to train.steps_per_call steps.
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)

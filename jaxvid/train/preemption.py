@@ -1,5 +1,6 @@
 """Stopping cleanly: SIGTERM (cloud preemption, `kill`), Ctrl-C, or JAX's multi-host
-preemption notice become a request to save a checkpoint at the next step boundary and exit 0.
+preemption notice become a request to save a checkpoint at the next step boundary (the end of
+the call with train.steps_per_call > 1) and exit 0.
 
 A second Ctrl-C stops at once (the last complete checkpoint is still there).
 """
@@ -34,7 +35,7 @@ class StopRequest:
     if self.signal == signal.SIGINT and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.signal = signum
-    log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
+    log.warning("received %s: saving a checkpoint at the end of this step (or call of steps), then exiting",
                 signal.Signals(signum).name)
 
   def should_stop(self, count: int) -> bool:

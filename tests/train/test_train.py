@@ -70,7 +70,9 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
 
 def test_steps_per_call_trains_like_one_step_a_call(tmp_path):
   # 7 steps, logged and saved every 3: calls of 3, 3, then 1 (never across a logging point).
-  common = ("--config.train.steps=7", "--config.train.log_every=3", "--config.checkpoint.every=3")
+  # A constant learning rate, so that a run stopped at 4 and extended to 7 has the same one.
+  lr = ("--config.optim.warmup_steps=0", "--config.optim.min_lr_ratio=1.0")
+  common = ("--config.train.steps=7", "--config.train.log_every=3", "--config.checkpoint.every=3", *lr)
   assert train_small(tmp_path / "one", *common) == 0
   assert train_small(tmp_path / "three", *common, "--config.train.steps_per_call=3") == 0
   one, three = _metrics(tmp_path / "one"), _metrics(tmp_path / "three")
@@ -79,10 +81,18 @@ def test_steps_per_call_trains_like_one_step_a_call(tmp_path):
     np.testing.assert_allclose([r[key] for r in three], [r[key] for r in one], rtol=1e-5)
   kept = lambda run: sorted(os.listdir(tmp_path / run / "checkpoints"))
   assert kept("three") == kept("one") and "7" in kept("one")
-  a, b = _restore(tmp_path / "one", 7), _restore(tmp_path / "three", 7)
-  assert int(b.step) == 7
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  # Stopped at step 4 (not a whole number of calls), then resumed: calls of 3, 1 | 2, 1.
+  resume = (tmp_path / "resumed", "--config.train.log_every=3", "--config.checkpoint.every=3",
+            "--config.train.steps_per_call=3", *lr)
+  assert train_small(*resume, "--config.train.steps=4") == 0
+  assert train_small(*resume, "--config.train.steps=7") == 0
+  assert [r["step"] for r in _metrics(tmp_path / "resumed")] == [3, 4, 6, 7]
+  a = _restore(tmp_path / "one", 7)
+  for run in ("three", "resumed"):
+    b = _restore(tmp_path / run, 7)
+    assert int(b.step) == 7
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
 def test_steps_per_call_must_be_positive(tmp_path, capsys):
