@@ -4,13 +4,14 @@
   jaxvid bench --config configs/dit.py:B --config.train.batch_size=8 --config.model.attention=xla
 
 Builds the config's train state on its mesh, compiles the real train step (train.steps_per_call
-steps a call, timed per step) and the model's forward pass (what one sampling step evaluates, per pass of classifier-free guidance; timed
-as the sampler runs it, SAMPLING_STEPS Euler steps in one program, per step), runs each on
-random data of the config's shapes, and reports median seconds after warm-up,
-tokens per second, analytic model FLOPs (perf/flops.py), the device's peak matmul throughput
-timed in the same run, MFU, and peak memory per device; with --profile DIR, also where the
-time of a traced step went (matmuls, collectives, the rest; perf/profile.py). Prints a table,
-then one JSON object as the last line (machine-readable, for comparing runs).
+steps a call, timed per step) and the model's forward pass (what one sampling step evaluates,
+per pass of classifier-free guidance; timed as the sampler runs it, SAMPLING_STEPS Euler steps
+in one program, per step), runs each on random data of the config's shapes, and reports
+median seconds after warm-up, tokens per second, analytic model FLOPs (perf/flops.py), the
+device's peak matmul throughput timed in the same run, MFU, and peak memory per device; with
+--profile DIR, also where the time of a traced call went (matmuls, collectives, the rest;
+perf/profile.py). Prints a table, then one JSON object as the last line (machine-readable,
+for comparing runs).
 """
 
 import json

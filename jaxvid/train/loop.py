@@ -140,9 +140,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
     autoencoder.check_record(ae, workdir)
   ae_params = ae.load(mesh)
 
-  # The step, compiled ahead of time once per bucket shape (train.steps_per_call steps in one
-  # program; a single step compiled when first needed: at a logging point that is not a whole
-  # number of calls away, or for a call's worth of batches from different buckets).
+  # The step, compiled ahead of time once per bucket shape: train.steps_per_call steps in one
+  # program, and one step where a call can fall short (see below).
   per_call = cfg.train.steps_per_call
   make_step = task.make_train_step(cfg, graphdef, tx, schedule)
   batch_shardings = loader.shardings(loader.specs[0])
