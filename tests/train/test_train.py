@@ -69,30 +69,54 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_steps_per_call_trains_like_one_step_a_call(tmp_path):
-  # 7 steps, logged and saved every 3: calls of 3, 3, then 1 (never across a logging point).
-  # A constant learning rate, so that a run stopped at 4 and extended to 7 has the same one.
+  # 7 steps logged and saved every 3, 3 steps a call, stopped at 4 and resumed: calls of 3, 1
+  # (the end) | 2, 1 (never across a logging point), against one step a call. A constant
+  # learning rate, so that the run stopped at 4 and extended to 7 has the same one.
   lr = ("--config.optim.warmup_steps=0", "--config.optim.min_lr_ratio=1.0")
-  common = ("--config.train.steps=7", "--config.train.log_every=3", "--config.checkpoint.every=3", *lr)
-  assert train_small(tmp_path / "one", *common) == 0
-  assert train_small(tmp_path / "three", *common, "--config.train.steps_per_call=3") == 0
+  common = ("--config.train.log_every=3", "--config.checkpoint.every=3", *lr)
+  assert train_small(tmp_path / "one", *common, "--config.train.steps=7") == 0
+  three = (tmp_path / "three", *common, "--config.train.steps_per_call=3")
+  assert train_small(*three, "--config.train.steps=4") == 0
+  assert train_small(*three, "--config.train.steps=7") == 0
   one, three = _metrics(tmp_path / "one"), _metrics(tmp_path / "three")
-  assert [r["step"] for r in three] == [r["step"] for r in one] == [3, 6, 7]
+  assert [r["step"] for r in one] == [3, 6, 7] and [r["step"] for r in three] == [3, 4, 6, 7]
+  three = [r for r in three if r["step"] != 4]
   for key in ("loss", "grad_norm", "lr"):           # the last step's metrics of each call
     np.testing.assert_allclose([r[key] for r in three], [r[key] for r in one], rtol=1e-5)
   kept = lambda run: sorted(os.listdir(tmp_path / run / "checkpoints"))
   assert kept("three") == kept("one") and "7" in kept("one")
-  # Stopped at step 4 (not a whole number of calls), then resumed: calls of 3, 1 | 2, 1.
-  resume = (tmp_path / "resumed", "--config.train.log_every=3", "--config.checkpoint.every=3",
-            "--config.train.steps_per_call=3", *lr)
-  assert train_small(*resume, "--config.train.steps=4") == 0
-  assert train_small(*resume, "--config.train.steps=7") == 0
-  assert [r["step"] for r in _metrics(tmp_path / "resumed")] == [3, 4, 6, 7]
-  a = _restore(tmp_path / "one", 7)
-  for run in ("three", "resumed"):
-    b = _restore(tmp_path / run, 7)
-    assert int(b.step) == 7
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  a, b = _restore(tmp_path / "one", 7), _restore(tmp_path / "three", 7)
+  assert int(b.step) == 7
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_a_call_of_steps_is_those_steps_one_by_one():
+  """compile_train_step(steps=2) on two batches = two one-step calls: same state and last-step
+  metrics, and the replaced clips of both batches counted (data/skipped)."""
+  from jaxvid.data import pipeline
+  from jaxvid.train import step as step_lib
+  cfg = config.load(TINY, SMALL)
+  run = compiled_train_step(cfg)
+  tx, schedule = state_lib.make_optimizer(cfg)
+  shardings = jax.tree.map(lambda a: a.sharding, run.state)
+  batch_shardings = run.loader.shardings(pipeline.batch_spec(cfg))
+  two = step_lib.compile_train_step(step_lib.make_train_step(cfg, run.graphdef, tx, schedule), run.mesh,
+                                    sharding.rules_from_config(cfg), shardings, batch_shardings, None, steps=2)
+  batches = [next(run.loader) for _ in range(2)]
+  for i, b in enumerate(batches):         # as if 1 and 2 clips of these batches had been replaced
+    skipped = np.zeros(b["skipped"].shape, np.int32)
+    skipped.reshape(-1)[:i + 1] = 1
+    b["skipped"] = jax.device_put(skipped, b["skipped"].sharding)
+  copy = lambda: jax.tree.map(jnp.copy, run.state)
+  state, m1 = run.step(copy(), batches[0], {})
+  state, m2 = run.step(state, batches[1], {})
+  state2, m = two(copy(), batches, {})
+  assert int(m1["data/skipped"]) + int(m2["data/skipped"]) == int(m["data/skipped"]) == 3
+  assert int(state2.step) == int(state.step) == 2
+  np.testing.assert_allclose(float(m["loss"]), float(m2["loss"]), rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(state2)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
 def test_steps_per_call_must_be_positive(tmp_path, capsys):
