@@ -111,8 +111,8 @@ def _memory(compiled) -> int:
 
 def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profile_dir: str | None = None) -> dict:
   """Measures the train step and the sampling forward of `cfg`; returns the figures. With
-  `profile_dir`, one more train step and forward are traced there (train/, forward/) and the
-  result gets "profile": where their time went (perf/profile.py)."""
+  `profile_dir`, one more train call and forward call are traced there (train/, forward/) and
+  the result gets "profile": where their time went (perf/profile.py)."""
   config_lib.validate(cfg, jax.device_count(), train=True)
   if cfg.model.name != "dit":
     raise UserError(f"jaxvid bench times the diffusion transformer; for model.name={cfg.model.name!r} run "
@@ -129,7 +129,7 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profil
 
   # train.steps_per_call steps a call, as `jaxvid train` runs them (the same batch each step here).
   per_call = cfg.train.steps_per_call
-  args = batch if per_call == 1 else [batch] * per_call
+  args = step_lib.call_batches(batch, per_call)
   t0 = time.perf_counter()
   train_step = step_lib.compile_train_step(step_lib.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
                                            shardings, batch_shardings, ae_params, per_call)

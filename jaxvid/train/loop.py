@@ -152,8 +152,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
     if (key, steps) not in programs:
       t0 = time.time()
       fn = step_lib.compile_train_step(make_step, mesh, rules, shardings, batch_shardings, ae_params, steps)
-      args = specs[key] if steps == 1 else [specs[key]] * steps
-      programs[key, steps] = fn.lower(state, args, ae_params).compile()
+      programs[key, steps] = fn.lower(state, step_lib.call_batches(specs[key], steps), ae_params).compile()
       log.info("compiled the train step for batches of %s%s in %.1f s", _describe(specs[key]),
                f", {steps} steps a call" if steps > 1 else "", time.time() - t0)
     return programs[key, steps]

@@ -101,9 +101,14 @@ def compile_train_step(train_step, mesh: Mesh, rules: sharding.Rules, state_shar
       last = jax.tree.map(lambda m: m[-1], metrics)
       return state, {**last, "data/skipped": jnp.sum(metrics["data/skipped"])}
 
-  in_batch = batch_shardings if steps == 1 else [batch_shardings] * steps
-  return jax.jit(step, in_shardings=(state_shardings, in_batch, ae_shardings),
+  return jax.jit(step, in_shardings=(state_shardings, call_batches(batch_shardings, steps), ae_shardings),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+def call_batches(batch, steps: int):
+  """What a step compiled for `steps` steps takes where each of its steps gets `batch` (a batch,
+  its shapes or its shardings): the batch itself for one step, else a list of `steps` of it."""
+  return batch if steps == 1 else [batch] * steps
 
 
 def compile_for_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh) -> jax.stages.Compiled:
