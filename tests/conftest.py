@@ -69,6 +69,7 @@ VAE_SMALL = [
     "--config.video.frames=5", "--config.video.height=32", "--config.video.width=32",
     "--config.train.batch_size=8", "--config.optim.warmup_steps=2", "--config.vae.eval_clips=8",
     "--config.vae.stats_clips=16", "--config.vae.eval_every=2", "--config.train.log_every=2",
+    "--config.train.steps_per_call=1",
 ]
 # configs/tiny.py:latent on the latents of a VAE_SMALL run (add --config.autoencoder.checkpoint=RUN).
 LATENT_SMALL = SMALL + ["--config.video.frames=5", "--config.video.height=32", "--config.video.width=32",
@@ -116,6 +117,26 @@ def compiled_train_step(cfg, devices=None):
                                      shardings, loader.shardings(pipeline.batch_spec(cfg)))
   return types.SimpleNamespace(graphdef=graphdef, state=state_lib.create(init, shardings), step=step,
                                loader=loader, mesh=mesh)
+
+
+def restore_run(workdir, step):
+  """The train state a `jaxvid train` run saved at `step` in `workdir`, on the mesh of its config."""
+  import os
+
+  from jaxvid import config
+  from jaxvid.parallel import mesh as mesh_lib
+  from jaxvid.parallel import sharding
+  from jaxvid.train import checkpoint as ckpt_lib
+  from jaxvid.train import state as state_lib
+  cfg = config.from_json(open(os.path.join(workdir, "config.json")).read())
+  mesh = mesh_lib.make_mesh(cfg)
+  tx, _ = state_lib.make_optimizer(cfg)
+  _, _, abstract = state_lib.abstract_state(cfg, tx)
+  target = ckpt_lib.with_shardings(abstract, state_lib.state_shardings(abstract, mesh, sharding.rules_from_config(cfg)))
+  ckpt = ckpt_lib.Checkpointer(str(workdir))
+  state = ckpt.restore(step, target)
+  ckpt.close()
+  return state
 
 
 def run_local(processes: int, devices: int, args: list[str], log_dir, timeout: float = 420, env=None):

@@ -9,13 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conftest import SMALL, TINY, compiled_train_step, train_small
+from conftest import SMALL, TINY, compiled_train_step, restore_run, train_small
 from jaxvid import config
 from jaxvid.diffusion import flow as flow_lib
 from jaxvid.models import autoencoder
-from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
-from jaxvid.train import checkpoint as ckpt_lib
 from jaxvid.train import state as state_lib
 
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "steps_per_sec", "tokens_per_sec", "time"}
@@ -24,19 +22,6 @@ METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "steps_per_sec", "tokens_per_s
 def _metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
-
-
-def _restore(workdir, step):
-  cfg = config.from_json(open(os.path.join(workdir, "config.json")).read())
-  mesh = mesh_lib.make_mesh(cfg)
-  rules = sharding.rules_from_config(cfg)
-  tx, _ = state_lib.make_optimizer(cfg)
-  _, _, abstract = state_lib.abstract_state(cfg, tx)
-  target = ckpt_lib.with_shardings(abstract, state_lib.state_shardings(abstract, mesh, rules))
-  ckpt = ckpt_lib.Checkpointer(str(workdir))
-  state = ckpt.restore(step, target)
-  ckpt.close()
-  return state
 
 
 def test_workdir_contract(trained_run):
@@ -48,7 +33,7 @@ def test_workdir_contract(trained_run):
     assert METRIC_KEYS <= set(r) and np.isfinite(r["loss"]) and r["steps_per_sec"] > 0
   assert sorted(os.listdir(trained_run / "checkpoints")) == ["2", "4"]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(trained_run / "tensorboard"))
-  state = _restore(trained_run, 4)
+  state = restore_run(trained_run, 4)
   assert int(state.step) == 4
 
 
@@ -60,7 +45,7 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
   once, twice = _metrics(tmp_path / "once"), _metrics(tmp_path / "twice")
   assert [r["step"] for r in twice] == [1, 2, 3, 4, 5, 6]          # continued at 4, not restarted
   assert [r["loss"] for r in once] == [r["loss"] for r in twice]    # same batches, same noise
-  a, b = _restore(tmp_path / "once", 6), _restore(tmp_path / "twice", 6)
+  a, b = restore_run(tmp_path / "once", 6), restore_run(tmp_path / "twice", 6)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # Nothing left to do: a rerun at the same steps is a no-op that exits 0.
@@ -85,7 +70,7 @@ def test_steps_per_call_trains_like_one_step_a_call(tmp_path):
     np.testing.assert_allclose([r[key] for r in three], [r[key] for r in one], rtol=1e-5)
   kept = lambda run: sorted(os.listdir(tmp_path / run / "checkpoints"))
   assert kept("three") == kept("one") and "7" in kept("one")
-  a, b = _restore(tmp_path / "one", 7), _restore(tmp_path / "three", 7)
+  a, b = restore_run(tmp_path / "one", 7), restore_run(tmp_path / "three", 7)
   assert int(b.step) == 7
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)

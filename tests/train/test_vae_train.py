@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import LATENT_SMALL, TINY, VAE, VAE_SMALL, compiled_train_step, train_vae_small
+from conftest import LATENT_SMALL, TINY, VAE, VAE_SMALL, compiled_train_step, restore_run, train_vae_small
 from jaxvid import cli, config
 from jaxvid.data import pipeline, synthetic
 from jaxvid.models import autoencoder
@@ -48,6 +48,21 @@ def test_vae_resume_matches_an_uninterrupted_run(tmp_path):
   assert [r["loss"] for r in once] == [r["loss"] for r in twice]
   # Latent statistics follow the latest checkpoint of each invocation.
   assert json.load(open(tmp_path / "twice" / autoencoder.LATENT_STATS))["step"] == 4
+
+
+def test_steps_per_call_trains_the_vae_like_one_step_a_call(tmp_path):
+  """Two VAE steps in one program (a lax.scan, where the convolutions' gradients run inside a
+  loop) give the states and metrics of one step a call (float32 sums in another order: 1e-5)."""
+  common = ("--config.train.steps=4", "--config.checkpoint.every=2", "--config.vae.eval_clips=0",
+            "--config.vae.stats_clips=8", "--config.optim.warmup_steps=0")
+  assert train_vae_small(tmp_path / "one", *common) == 0
+  assert train_vae_small(tmp_path / "two", *common, "--config.train.steps_per_call=2") == 0
+  one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+  assert [r["step"] for r in one] == [r["step"] for r in two] == [2, 4]
+  for a, b in zip(one, two):
+    np.testing.assert_allclose([b["loss"], b["grad_norm"]], [a["loss"], a["grad_norm"]], rtol=1e-5)
+  for x, y in zip(*(jax.tree.leaves(restore_run(tmp_path / run, 4)) for run in ("one", "two"))):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
 
 
 def _setup(*overrides):
