@@ -19,7 +19,8 @@ def get_config(arg: str = ""):
   c.model.update(patch=(2, 4, 4), width=128, depth=4, heads=4, mlp_dim=512, dtype="float32", condition="mask")
   c.text.update(encoder="words", max_len=16, width=64, depth=2, heads=4, mlp_dim=256)
   c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.999)
-  c.train.update(steps=2000, batch_size=8, log_every=50)
+  # 5 steps in one program (a whole number of calls per logging interval): 0.49 -> 0.38 s a step on a 2-core CPU.
+  c.train.update(steps=2000, batch_size=8, log_every=50, steps_per_call=5)
   c.checkpoint.update(every=500, keep=2)
   c.sample.update(steps=20, guidance=4.0, batch_size=16)
   if arg == "latent":

@@ -30,7 +30,7 @@ SMALL = [
     "--config.model.width=32", "--config.model.depth=1", "--config.model.heads=2", "--config.model.mlp_dim=64",
     "--config.text.width=32", "--config.text.depth=1", "--config.text.heads=2", "--config.text.mlp_dim=64",
     "--config.text.max_len=48", "--config.train.batch_size=8", "--config.optim.warmup_steps=2",
-    "--config.sample.steps=3", "--config.sample.batch_size=4",
+    "--config.sample.steps=3", "--config.sample.batch_size=4", "--config.train.steps_per_call=1",
 ]
 
 
