@@ -43,7 +43,7 @@ def get_config(arg: str = "S"):
                eval_clips=32, stats_clips=64)
   c.video.update(frames=9, height=32, width=32, channels=3, fps=8)
   c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.0, ema_decay=0.999)
-  c.train.update(steps=7600, batch_size=batch, log_every=50)   # S: about 26 minutes on a 2-core CPU (2 devices)
+  c.train.update(steps=7600, batch_size=batch, log_every=50)   # S: 27.6 minutes on a 2-core CPU (2 devices)
   c.checkpoint.update(every=500, keep=2)
   if arg == "S":   # a CPU device per core: 3.3 -> 4.3-4.6 steps/s on 2 cores
     c.distributed.cpu_devices = 0

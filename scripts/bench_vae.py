@@ -4,7 +4,7 @@ report held-out PSNR/SSIM and encode/decode throughput in frames per second.
   python scripts/bench_vae.py --workdir runs/vae_bench --minutes 30 [--config configs/vae.py:S] [--config.KEY=VALUE ...]
 
 Step 1 runs the real CLI (`jaxvid train`; rerunning resumes): training stops at `--steps`
-(default the config's train.steps, 6,800 for S: 26 minutes on the 2-core CPU VM) or after
+(default the config's train.steps, 7,600 for S: 27.6 minutes on the 2-core CPU VM) or after
 `--minutes`, whichever comes first (at the deadline the script sends SIGTERM; the trainer
 saves a checkpoint and the latent statistics, and exits 0). Step 2 loads the run through the
 autoencoder interface (`autoencoder.name=vae`, EMA parameters) and measures, on `--clips`
