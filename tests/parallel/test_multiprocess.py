@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import SMALL, TINY, run_local
+from conftest import COMPILE_FLAGS, SMALL, TINY, run_local
 
 pytestmark = pytest.mark.multiprocess
 
@@ -46,7 +46,7 @@ def test_processes_with_different_configs_are_refused(tmp_path):
   procs = [subprocess.Popen([sys.executable, "-m", "jaxvid", "train", "--config", TINY, "--workdir", str(tmp_path / "w"),
                              *SMALL, f"--config.optim.lr={lr}", "--config.distributed.timeout_s=60"],
                             env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                     JAX_PROCESS_ID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                                     JAX_PROCESS_ID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=4 " + COMPILE_FLAGS),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i, lr in enumerate((1e-3, 2e-3))]
   outs = [p.communicate(timeout=300)[0] for p in procs]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import SMALL, TINY, compiled_train_step
+from conftest import SMALL, TINY, compiled_train_step, one_device_env
 from mixed_items import assert_same_videos, write_mixed_prompts
 from jaxvid import config
 from jaxvid.parallel import mesh as mesh_lib
@@ -131,7 +131,6 @@ def test_sampling_gives_the_same_videos_on_one_device_and_on_split_meshes(traine
   data, sequence (ring and Ulysses) and fsdp; items of one chunk and of several. Rows that
   several devices hold (sequence, fsdp) are written once."""
   import collections
-  import os
   import subprocess
   import sys
   from jaxvid import cli
@@ -146,7 +145,7 @@ def test_sampling_gives_the_same_videos_on_one_device_and_on_split_meshes(traine
   monkeypatch.setattr(writer.OutputFolder, "write_files", counting)
   prompts = write_mixed_prompts(tmp_path)
   args = ["sample", "--workdir", str(trained_run), "--prompts", prompts]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}     # one CPU device
+  env = one_device_env()
   proc = subprocess.run([sys.executable, "-m", "jaxvid", *args, "--output", str(tmp_path / "one"),
                          "--config.sample.batch_size=1"], env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import REPO
+from conftest import REPO, one_device_env
 from jaxvid import cli
 from jaxvid.errors import UserError
 from jaxvid.models import text
@@ -223,7 +223,7 @@ def test_a_killed_job_resumes_and_writes_each_item_once(trained_run, tmp_path):
   prompts = tmp_path / "p.txt"
   prompts.write_text("".join(f"prompt number {i}\n" for i in range(40)))
   out = tmp_path / "out"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}      # one CPU device
+  env = one_device_env()
   cmd = [sys.executable, "-m", "jaxvid", "sample", "--workdir", str(trained_run), "--prompts", str(prompts),
          "--output", str(out), "--config.sample.batch_size=2"]
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import SMALL, TINY, train_small
+from conftest import SMALL, TINY, one_device_env, train_small
 from jaxvid import cli, config
 from jaxvid.data import pipeline
 from jaxvid.parallel import mesh as mesh_lib
@@ -33,15 +33,9 @@ KILL_RUN = SMALL + ["--config.video.frames=8", "--config.video.height=32", "--co
                     "--config.checkpoint.keep=10"]
 
 
-def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)            # one device: the subprocesses compile faster
-  return env
-
-
 def _start(workdir, *extra):
   return subprocess.Popen([sys.executable, "-m", "jaxvid", "train", "--config", TINY, "--workdir", str(workdir),
-                           *KILL_RUN, *extra], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           *KILL_RUN, *extra], env=one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
 
 

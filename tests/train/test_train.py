@@ -72,7 +72,13 @@ def test_steps_per_call_trains_like_one_step_a_call(tmp_path):
   assert kept("three") == kept("one") and "7" in kept("one")
   a, b = restore_run(tmp_path / "one", 7), restore_run(tmp_path / "three", 7)
   assert int(b.step) == 7
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    # The text encoder's key bias (no QK-norm there) shifts every score of a row alike, which
+    # the softmax ignores: its gradient is rounding noise that Adam turns into steps, so it
+    # differs between any two programs. Every other leaf must match.
+    name = jax.tree_util.keystr(path)
+    if "['text_encoder']" in name and "['attn']['k']['bias']" in name:
+      continue
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
