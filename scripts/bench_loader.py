@@ -13,8 +13,9 @@ What is measured:
   encode    `latents.encode(cfg, manifest, store)` on the same manifest (decode + identity
             autoencoder + TensorStore write), end to end including the probe and jit.
   latents   the same dataset with data.source=latents reading that store.
-  tiny step the real configs/tiny.py train step (8x32x32 clips, batch 8) on synthetic data,
-            compiled ahead of time; clips/s consumed = batch / median step time.
+  tiny step the real configs/tiny.py train step (8x32x32 clips, batch 8) on random batches,
+            train.steps_per_call steps a call as `jaxvid train` runs it; clips/s consumed =
+            batch / median time per step.
 
 For each source and worker count, `--repeats` passes (interleaved over worker counts; the
 table shows the median) each take one warm-up batch (plus `--skip` more, which drains what
@@ -53,8 +54,7 @@ from jaxvid.data import pipeline  # noqa: E402
 from jaxvid.data import synthetic  # noqa: E402
 from jaxvid.parallel import mesh as mesh_lib  # noqa: E402
 from jaxvid.parallel import sharding  # noqa: E402
-from jaxvid.train import state as state_lib  # noqa: E402
-from jaxvid.train import step as step_lib  # noqa: E402
+from jaxvid.perf import bench  # noqa: E402
 
 TINY = "configs/tiny.py"
 
@@ -202,41 +202,27 @@ def summarize(source: str, workers: int, skip: int, passes: list[dict]) -> dict:
 
 
 def measure_tiny_step(steps: int) -> dict:
-  """The real configs/tiny.py train step on synthetic batches: median step time, clips/s."""
+  """The real configs/tiny.py train step, as `jaxvid train` runs it (train.steps_per_call steps
+  a call): median time per step over enough calls to cover `steps`, clips/s consumed."""
   cfg = config_lib.load(TINY, [])
   config_lib.validate(cfg, jax.device_count(), train=True)
   mesh = mesh_lib.make_mesh(cfg)
-  rules = sharding.rules_from_config(cfg)
-  t0 = time.perf_counter()
-  compiled = step_lib.compile_for_mesh(cfg, mesh)
-  compile_s = time.perf_counter() - t0
-  tx, _ = state_lib.make_optimizer(cfg)
-  _, init, abstract = state_lib.abstract_state(cfg, tx)
-  state = state_lib.create(init, state_lib.state_shardings(abstract, mesh, rules))
-  loader = pipeline.Loader(cfg, mesh, rules)       # data.source=synthetic, workers=0
-  batches = [next(loader) for _ in range(4)]
-  for b in batches[:2]:                            # warm-up
-    state, metrics = compiled(state, b)
-  jax.block_until_ready(metrics)
-  times = []
+  train = bench.TrainCall(cfg, mesh, sharding.rules_from_config(cfg))
+  calls = max(1, -(-steps // train.per_call))
   cpu_before, own_before = cpu_times(), tree_cpu_s()
   t_start = time.perf_counter()
-  for i in range(steps):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batches[i % len(batches)])
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
+  times = [t / train.per_call for t in bench.step_times(train, calls, warmup=1)]
   wall = time.perf_counter() - t_start
   cpu, own_after = busy_cores(cpu_before, cpu_times()), tree_cpu_s()
   own = None if own_before is None or own_after is None else own_after - own_before
   step_s = float(np.median(times))
   v = cfg.video
-  return {"clip": [v.frames, v.height, v.width], "batch": cfg.train.batch_size, "steps": steps,
-          "compile_s": round(compile_s, 1), "median_step_s": round(step_s, 4),
+  return {"clip": [v.frames, v.height, v.width], "batch": cfg.train.batch_size, "steps": calls * train.per_call,
+          "steps_per_call": train.per_call, "compile_s": round(train.compile_s, 1), "median_step_s": round(step_s, 4),
           "min_step_s": round(min(times), 4), "clips_per_s": round(cfg.train.batch_size / step_s, 1),
           "pixel_mb_per_s": round(cfg.train.batch_size * v.frames * v.height * v.width * 3 / step_s / 1e6, 2),
           "busy_cores": cpu, "own_cores": None if own is None else round(own / wall, 2),
-          "cpu_s_per_clip": None if own is None else round(own / steps / cfg.train.batch_size, 5)}
+          "cpu_s_per_clip": None if own is None else round(own / (calls * train.per_call) / cfg.train.batch_size, 5)}
 
 
 def main() -> None:

@@ -109,6 +109,33 @@ def _memory(compiled) -> int:
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
+class TrainCall:
+  """The real train step of `cfg` on `mesh`, compiled for train.steps_per_call steps a call as
+  `jaxvid train` runs them, on a random batch (the same one each step); calling it runs one
+  call and waits for it. `.compiled`, `.compile_s`, `.per_call`, `.graphdef`, `.batch`, and
+  `.state` (the current one: a call donates it and keeps the next)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, mesh, rules: sharding.Rules):
+    tx, schedule = state_lib.make_optimizer(cfg)
+    self.graphdef, init, abstract = state_lib.abstract_state(cfg, tx)
+    shardings = state_lib.state_shardings(abstract, mesh, rules)
+    self.state = state_lib.create(init, shardings)
+    batch_shardings = {k: mesh_lib.batch_sharding(mesh, rules, len(v.shape)) for k, v in pipeline.batch_spec(cfg).items()}
+    self.batch = random_batch(cfg, batch_shardings)
+    self.ae_params = autoencoder.make(cfg).load(mesh)   # the step encodes pixels with it (none in pixel space)
+    self.per_call = cfg.train.steps_per_call
+    self.args = step_lib.call_batches(self.batch, self.per_call)
+    t0 = time.perf_counter()
+    step = step_lib.compile_train_step(step_lib.make_train_step(cfg, self.graphdef, tx, schedule), mesh, rules,
+                                       shardings, batch_shardings, self.ae_params, self.per_call)
+    self.compiled = step.lower(self.state, self.args, self.ae_params).compile()
+    self.compile_s = time.perf_counter() - t0
+
+  def __call__(self) -> None:
+    self.state, metrics = self.compiled(self.state, self.args, self.ae_params)
+    jax.block_until_ready(metrics["loss"])
+
+
 def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profile_dir: str | None = None) -> dict:
   """Measures the train step and the sampling forward of `cfg`; returns the figures. With
   `profile_dir`, one more train call and forward call are traced there (train/, forward/) and
@@ -119,35 +146,14 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profil
                     "scripts/bench_vae.py")
   mesh = mesh_lib.make_mesh(cfg)
   rules = sharding.rules_from_config(cfg)
-  tx, schedule = state_lib.make_optimizer(cfg)
-  graphdef, init, abstract = state_lib.abstract_state(cfg, tx)
-  shardings = state_lib.state_shardings(abstract, mesh, rules)
-  state = state_lib.create(init, shardings)
-  batch_shardings = {k: mesh_lib.batch_sharding(mesh, rules, len(v.shape)) for k, v in pipeline.batch_spec(cfg).items()}
-  batch = random_batch(cfg, batch_shardings)
-  ae_params = autoencoder.make(cfg).load(mesh)   # the step encodes pixels with it (none in pixel space)
-
   # train.steps_per_call steps a call, as `jaxvid train` runs them (the same batch each step here).
-  per_call = cfg.train.steps_per_call
-  args = step_lib.call_batches(batch, per_call)
-  t0 = time.perf_counter()
-  train_step = step_lib.compile_train_step(step_lib.make_train_step(cfg, graphdef, tx, schedule), mesh, rules,
-                                           shardings, batch_shardings, ae_params, per_call)
-  train_step = train_step.lower(state, args, ae_params).compile()
-  compile_s = time.perf_counter() - t0
-
-  holder = [state]
-
-  def one_train_call():
-    holder[0], metrics = train_step(holder[0], args, ae_params)
-    jax.block_until_ready(metrics["loss"])
-
-  train_s = _per_step(one_train_call, per_call, steps, warmup)
+  train = TrainCall(cfg, mesh, rules)
+  train_s = _per_step(train, train.per_call, steps, warmup)
   profiles = {}
   if profile_dir:
-    profiles["train"] = profile_lib.breakdown(profile_lib.trace(one_train_call, os.path.join(profile_dir, "train")),
-                                              train_step.as_text())
-  memory = _memory(train_step)
+    profiles["train"] = profile_lib.breakdown(profile_lib.trace(train, os.path.join(profile_dir, "train")),
+                                              train.compiled.as_text())
+  memory = _memory(train.compiled)
 
   # The sampling step's work: one model evaluation of the batch (guidance doubles the batch), run
   # as `jaxvid sample` runs it: SAMPLING_STEPS Euler steps chained in one program (the sampler's
@@ -157,14 +163,14 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profil
 
   def sampling_steps(params, x, tokens):
     with sharding.activation_rules(mesh, rules):
-      model = nnx.merge(graphdef, params)
+      model = nnx.merge(train.graphdef, params)
       emb, mask = model.encode_text(tokens)
       ts = jnp.broadcast_to(jnp.linspace(1.0, 0.0, SAMPLING_STEPS + 1), (x.shape[0], SAMPLING_STEPS + 1))
       return samplers.Euler(SAMPLING_STEPS).sample(lambda x, t: model(x, t, emb, mask), x, ts)
 
   x = jax.device_put(jnp.zeros((b, *config_lib.latent_shape(cfg)), jnp.float32), mesh_lib.batch_sharding(mesh, rules, 5))
-  tokens = jax.device_put(batch["tokens"], mesh_lib.batch_sharding(mesh, rules, 2))
-  params = holder[0].params
+  tokens = jax.device_put(train.batch["tokens"], mesh_lib.batch_sharding(mesh, rules, 2))
+  params = train.state.params
   t0 = time.perf_counter()
   fwd = jax.jit(sampling_steps).lower(params, x, tokens).compile()
   forward_compile_s = time.perf_counter() - t0
@@ -177,7 +183,7 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profil
   model_flops = flops_lib.count(cfg, b)
   peak = peak_matmul_flops(jnp.dtype(cfg.model.dtype)) * jax.process_count()   # processes alike
   tokens_per_step = b * config_lib.num_tokens(cfg)
-  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  num_params = sum(x.size for x in jax.tree.leaves(train.state.params))
   device = jax.devices()[0]
   return {
       "config": {"width": cfg.model.width, "depth": cfg.model.depth, "heads": cfg.model.heads,
@@ -186,10 +192,10 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2, profil
                  "scan_unroll": cfg.model.scan_unroll,
                  "mesh": dict(mesh.shape)},
       "params": int(num_params),
-      "compile_s": compile_s,
+      "compile_s": train.compile_s,
       "forward_compile_s": forward_compile_s,
       "train_step_s": train_s,
-      "train_steps_per_call": per_call,
+      "train_steps_per_call": train.per_call,
       "forward_s": forward_s,
       "forward_steps_per_call": SAMPLING_STEPS,
       "tokens_per_s": tokens_per_step / train_s,
