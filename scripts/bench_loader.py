@@ -201,10 +201,11 @@ def summarize(source: str, workers: int, skip: int, passes: list[dict]) -> dict:
           "batch_s_passes": [r["batch_s"] for r in passes]}
 
 
-def measure_tiny_step(steps: int) -> dict:
-  """The real configs/tiny.py train step, as `jaxvid train` runs it (train.steps_per_call steps
-  a call): median time per step over enough calls to cover `steps`, clips/s consumed."""
-  cfg = config_lib.load(TINY, [])
+def measure_tiny_step(steps: int, overrides: tuple = ()) -> dict:
+  """The real configs/tiny.py train step (with `overrides`, "--config.KEY=VALUE"), as `jaxvid
+  train` runs it (train.steps_per_call steps a call): median time per step over enough calls
+  to cover `steps`, clips/s consumed."""
+  cfg = config_lib.load(TINY, list(overrides))
   config_lib.validate(cfg, jax.device_count(), train=True)
   mesh = mesh_lib.make_mesh(cfg)
   train = bench.TrainCall(cfg, mesh, sharding.rules_from_config(cfg))
