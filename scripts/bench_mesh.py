@@ -24,11 +24,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxvid import config as config_lib  # noqa: E402
-from jaxvid.data import pipeline  # noqa: E402
 from jaxvid.errors import UserError  # noqa: E402
 from jaxvid.parallel import mesh as mesh_lib  # noqa: E402
 from jaxvid.parallel import sharding  # noqa: E402
-from jaxvid.train import state as state_lib  # noqa: E402
+from jaxvid.perf import bench  # noqa: E402
 from jaxvid.train import step as step_lib  # noqa: E402
 
 # 8 frames of 64x64 pixels in 1x2x2 patches: 8 x 32 x 32 = 8,192 tokens per clip; DiT-S width
@@ -63,22 +62,9 @@ def measure(cfg, run_steps: int, host_gb: float) -> dict:
   total_gb = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes) * mesh.size / 2**30
   on_cpu = jax.devices()[0].platform == "cpu"
   if run_steps and (not on_cpu or total_gb <= host_gb):
-    rules = sharding.rules_from_config(cfg)
-    tx, schedule = state_lib.make_optimizer(cfg)
-    graphdef, init, abstract = state_lib.abstract_state(cfg, tx)
-    shardings = state_lib.state_shardings(abstract, mesh, rules)
-    state = state_lib.create(init, shardings)
-    loader = pipeline.Loader(cfg, mesh, rules)
-    batch = next(loader)
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(run_steps):
-      t0 = time.time()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.time() - t0)
-    row["step_s"] = round(float(np.median(times)), 3)
+    # The step as `jaxvid train` runs it (train.steps_per_call steps a call), compiled again with its state.
+    train = bench.TrainCall(cfg, mesh, sharding.rules_from_config(cfg))
+    row["step_s"] = round(float(np.median(bench.per_step_times(train, train.per_call, run_steps, warmup=1))), 3)
   else:
     row["step_s"] = None
   return row

@@ -62,11 +62,16 @@ def _median_time(fn, steps: int, warmup: int) -> float:
   return statistics.median(step_times(fn, steps, warmup))
 
 
-def _per_step(fn, per_call: int, steps: int, warmup: int) -> float:
-  """Median seconds per step of fn(), a call of `per_call` steps, over enough calls to cover
-  `steps` timed steps after `warmup` untimed ones (at least one call each)."""
+def per_step_times(fn, per_call: int, steps: int, warmup: int) -> list[float]:
+  """Seconds per step of each timed call of fn(), a call of `per_call` steps: enough calls to
+  cover `steps` timed steps after `warmup` untimed ones (at least one call each)."""
   calls = lambda n: max(1, -(-n // per_call))
-  return _median_time(fn, calls(steps), calls(warmup)) / per_call
+  return [t / per_call for t in step_times(fn, calls(steps), calls(warmup))]
+
+
+def _per_step(fn, per_call: int, steps: int, warmup: int) -> float:
+  """Median of `per_step_times`."""
+  return statistics.median(per_step_times(fn, per_call, steps, warmup))
 
 
 def peak_matmul_flops(dtype, size: int | None = None, steps: int = 5) -> float:
