@@ -13,7 +13,7 @@ What is measured:
   encode    `latents.encode(cfg, manifest, store)` on the same manifest (decode + identity
             autoencoder + TensorStore write), end to end including the probe and jit.
   latents   the same dataset with data.source=latents reading that store.
-  tiny step the real configs/tiny.py train step (8x32x32 clips, batch 8) on random batches,
+  tiny step the real configs/tiny.py train step (8x32x32 clips, batch 8) on one random batch,
             train.steps_per_call steps a call as `jaxvid train` runs it; clips/s consumed =
             batch / median time per step.
 
@@ -209,9 +209,10 @@ def measure_tiny_step(steps: int, overrides: tuple = ()) -> dict:
   config_lib.validate(cfg, jax.device_count(), train=True)
   mesh = mesh_lib.make_mesh(cfg)
   train = bench.TrainCall(cfg, mesh, sharding.rules_from_config(cfg))
+  train()                                          # warm-up, outside the CPU accounting
   cpu_before, own_before = cpu_times(), tree_cpu_s()
   t_start = time.perf_counter()
-  times = bench.per_step_times(train, train.per_call, steps, warmup=1)
+  times = bench.per_step_times(train, train.per_call, steps, warmup=0)
   wall = time.perf_counter() - t_start
   cpu, own_after = busy_cores(cpu_before, cpu_times()), tree_cpu_s()
   own = None if own_before is None or own_after is None else own_after - own_before

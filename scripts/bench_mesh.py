@@ -8,7 +8,9 @@ sequence parallelism.
 
 Memory comes from XLA's analysis of the compiled step (`memory_analysis()`: arguments =
 the state shard plus the batch shard, temp = activations and workspace); nothing is
-allocated for it. Steps run only where the whole job fits `--host_gb` (CPU simulation).
+allocated for it; it is that of one step a call. Steps run only where the whole job fits
+`--host_gb` (CPU simulation), as `jaxvid train` runs them (train.steps_per_call steps a call,
+a second compile).
 Prints a Markdown table and one JSON object last.
 """
 
@@ -65,8 +67,9 @@ def measure(cfg, run_steps: int, host_gb: float) -> dict:
     # The step as `jaxvid train` runs it (train.steps_per_call steps a call), compiled again with its state.
     train = bench.TrainCall(cfg, mesh, sharding.rules_from_config(cfg))
     row["step_s"] = round(float(np.median(bench.per_step_times(train, train.per_call, run_steps, warmup=1))), 3)
+    row["steps_per_call"] = train.per_call
   else:
-    row["step_s"] = None
+    row["step_s"] = row["steps_per_call"] = None
   return row
 
 

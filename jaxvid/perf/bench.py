@@ -64,9 +64,9 @@ def _median_time(fn, steps: int, warmup: int) -> float:
 
 def per_step_times(fn, per_call: int, steps: int, warmup: int) -> list[float]:
   """Seconds per step of each timed call of fn(), a call of `per_call` steps: enough calls to
-  cover `steps` timed steps after `warmup` untimed ones (at least one call each)."""
-  calls = lambda n: max(1, -(-n // per_call))
-  return [t / per_call for t in step_times(fn, calls(steps), calls(warmup))]
+  cover `steps` timed steps (at least one) after enough untimed ones to cover `warmup` steps."""
+  calls = lambda n: -(-n // per_call)
+  return [t / per_call for t in step_times(fn, max(1, calls(steps)), calls(warmup))]
 
 
 def _per_step(fn, per_call: int, steps: int, warmup: int) -> float:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO, SMALL, TINY
+from jaxvid.perf import bench
 
 
 @pytest.fixture
@@ -32,4 +33,18 @@ def test_mesh_bench_compiles_measures_memory_and_runs_a_mesh(scripts):
   cfg = bench_mesh._cfg(TINY, SMALL + ["--config.train.steps_per_call=2"], (2, 2, 2, 1), "ulysses")
   row = bench_mesh.measure(cfg, run_steps=2, host_gb=16.0)
   assert row["compile_s"] > 0 and row["state_and_batch_mb"] > 0 and row["temp_mb"] > 0
-  assert row["step_s"] > 0
+  assert row["step_s"] > 0 and row["steps_per_call"] == 2
+
+
+def test_per_step_times_cover_the_steps_in_whole_calls(monkeypatch):
+  clock, calls = [0.0], []
+
+  def call():                                   # a call of 2 steps taking 1, 2, 3, ... seconds
+    calls.append(len(calls) + 1)
+    clock[0] += len(calls)
+
+  monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+  assert bench.per_step_times(call, 2, steps=3, warmup=1) == [1.0, 1.5]    # 1 warm-up call, then 2
+  assert len(calls) == 3
+  calls.clear()
+  assert bench.per_step_times(call, 2, steps=1, warmup=0) == [0.5]         # no warm-up; one call at least
