@@ -26,9 +26,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 
 
-def one_device_env(**extra) -> dict:
+def one_device_env() -> dict:
   """This process's environment for a subprocess on one CPU device (the tests' compile flags kept)."""
-  return {**os.environ, "XLA_FLAGS": COMPILE_FLAGS, **extra}
+  return {**os.environ, "XLA_FLAGS": COMPILE_FLAGS}
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
