@@ -10,9 +10,17 @@ import time
 # Tests are dominated by XLA:CPU compiles. LLVM's optimization passes take about half of each
 # and buy nothing for programs this small (a test of remat: 44 s -> 26 s); XLA's older
 # elementwise-fusion emitters compile SMALL's train step in 60% of the time the MLIR-based
-# ones take (8.7 -> 5.2 s, mean of 3). Subprocesses that want one device keep these. XLA aborts
-# on a flag it does not know: re-check these when pyproject's jax pin moves.
-COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# ones take (8.7 -> 5.2 s, mean of 3). Subprocesses that want one device keep these flags.
+# XLA aborts on a flag it does not know, and the older emitters will go one day: a fresh
+# process tries the flag once (1 s; pytest-xdist's workers inherit the answer).
+COMPILE_FLAGS = os.environ.get("JAXVID_TEST_COMPILE_FLAGS")
+if COMPILE_FLAGS is None:
+  COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+  _older_emitters = COMPILE_FLAGS + " --xla_cpu_use_fusion_emitters=false"
+  if subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, timeout=300,
+                    env={**os.environ, "XLA_FLAGS": _older_emitters, "JAX_PLATFORMS": "cpu"}).returncode == 0:
+    COMPILE_FLAGS = _older_emitters
+  os.environ["JAXVID_TEST_COMPILE_FLAGS"] = COMPILE_FLAGS
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + COMPILE_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and the subprocesses they start) compile the same small programs: share them
