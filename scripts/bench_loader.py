@@ -216,14 +216,14 @@ def measure_tiny_step(steps: int, overrides: tuple = ()) -> dict:
   wall = time.perf_counter() - t_start
   cpu, own_after = busy_cores(cpu_before, cpu_times()), tree_cpu_s()
   own = None if own_before is None or own_after is None else own_after - own_before
-  step_s = float(np.median(times))
+  step_s, steps_run = float(np.median(times)), len(times) * train.per_call
   v = cfg.video
-  return {"clip": [v.frames, v.height, v.width], "batch": cfg.train.batch_size, "steps": len(times) * train.per_call,
+  return {"clip": [v.frames, v.height, v.width], "batch": cfg.train.batch_size, "steps": steps_run,
           "steps_per_call": train.per_call, "compile_s": round(train.compile_s, 1), "median_step_s": round(step_s, 4),
           "min_step_s": round(min(times), 4), "clips_per_s": round(cfg.train.batch_size / step_s, 1),
           "pixel_mb_per_s": round(cfg.train.batch_size * v.frames * v.height * v.width * 3 / step_s / 1e6, 2),
           "busy_cores": cpu, "own_cores": None if own is None else round(own / wall, 2),
-          "cpu_s_per_clip": None if own is None else round(own / (len(times) * train.per_call) / cfg.train.batch_size, 5)}
+          "cpu_s_per_clip": None if own is None else round(own / steps_run / cfg.train.batch_size, 5)}
 
 
 def main() -> None:

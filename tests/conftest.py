@@ -139,8 +139,6 @@ def compiled_train_step(cfg, devices=None):
 
 def restore_run(workdir, step):
   """The train state a `jaxvid train` run saved at `step` in `workdir`, on the mesh of its config."""
-  import os
-
   from jaxvid import config
   from jaxvid.parallel import mesh as mesh_lib
   from jaxvid.parallel import sharding
