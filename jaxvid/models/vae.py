@@ -462,6 +462,29 @@ def init_kernels(model: nnx.Module, key: jax.Array) -> None:
     offset += p.size
 
 
+def inflate_from_images(model: VAE) -> None:
+  """Turns a VAE trained on images (1-frame clips) into the video VAE that codes every frame as
+  it coded images, in place; video training then starts from there (image-then-video, as
+  MAGVIT-v2 and CV-VAE train theirs).
+
+  A 1-frame clip reaches only the last temporal tap of each causal kernel (the past is zero
+  padding) and only the second of the two frames each temporal upsample unfolds (the clip's
+  first frame decodes alone), so image training leaves the earlier taps and the first frame's
+  channels at their random start. Here the earlier taps become zero (each frame is coded on
+  its own; the temporal downsample takes the last frame of each pair, plus the shortcut's
+  mean of the pair) and each temporal upsample's first frame copies the second (a latent frame
+  decodes into repeats of the frame it was coded from). Kernels are [kt, kh, kw, I, O].
+  """
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, CausalConv3d) and module.kernel_size[0] > 1:
+      module.kernel[:-1] = 0.0
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, Upsample) and module.temporal is not None:
+      conv, half = module.temporal, module.temporal.kernel.shape[-1] // 2
+      conv.kernel[..., :half] = conv.kernel[..., half:]
+      conv.bias[:half] = conv.bias[half:]
+
+
 def split_moments(moments: jax.Array) -> tuple[jax.Array, jax.Array]:
   """[..., 2Z] -> mean [..., Z], log-variance [..., Z] (clipped to [-30, 20] as usual)."""
   mean, logvar = jnp.split(moments, 2, axis=-1)

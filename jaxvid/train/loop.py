@@ -62,17 +62,20 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> ckpt_lib.Ch
   return checkpointer
 
 
-def init_from_run(state: state_lib.TrainState, path: str, cfg: ml_collections.ConfigDict, abstract, shardings,
-                  with_optimizer: bool) -> state_lib.TrainState:
+def init_from_run(state: state_lib.TrainState, path: str, cfg: ml_collections.ConfigDict, graphdef, abstract,
+                  shardings, with_optimizer: bool) -> state_lib.TrainState:
   """A fresh state whose parameters (and EMA, and optionally optimizer state) come from the
-  latest checkpoint of the run directory `path`, or from the export `path`; step stays 0."""
+  latest checkpoint of the run directory `path`, or from the export `path`; step stays 0. The
+  model family's task adapts them to this run (a VAE trained on images is inflated to clips)."""
   source = os.path.join(path, "config.json")
   if not os.path.isfile(source):
     raise UserError(f"--init_from {path}: no config.json; give a run directory or an export")
   with open(source) as f:
-    if config_lib.model_hash(config_lib.from_json(f.read())) != config_lib.model_hash(cfg):
-      raise UserError(f"--init_from {path} is a different model; its model and text config must match")
+    source_cfg = config_lib.from_json(f.read())
+  if config_lib.model_hash(source_cfg) != config_lib.model_hash(cfg):
+    raise UserError(f"--init_from {path} is a different model; its model and text config must match")
   target = ckpt_lib.with_shardings(abstract, shardings)
+  adapt = lambda states: tasks.get(cfg).adapt_init(source_cfg, cfg, graphdef, states)
   if export_lib.is_export(path):
     if with_optimizer:
       raise UserError(f"--init_from {path} is an export, which has no optimizer state; drop --init_optimizer")
@@ -86,11 +89,13 @@ def init_from_run(state: state_lib.TrainState, path: str, cfg: ml_collections.Co
     restored = checkpointer.restore(step, target)
     checkpointer.close()
     log.info("initialized parameters, EMA and optimizer state from %s at step %d", path, step)
-    return restored.replace(step=state.step)
+    params, ema = adapt((restored.params, restored.ema))
+    return restored.replace(step=state.step, params=params, ema=ema)
   else:
     params, step = export_lib.load_params(path, cfg, target.params, which="params")
     ema, _ = export_lib.load_params(path, cfg, target.ema, step, which="ema")
   log.info("initialized parameters and EMA from %s at step %d", path, step)
+  params, ema = adapt((params, ema))
   return state.replace(params=params, ema=ema)
 
 
@@ -124,7 +129,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
   if latest is None:
     state = state_lib.create(init, shardings)
     if init_from:
-      state = init_from_run(state, init_from, cfg, abstract, shardings, init_optimizer)
+      state = init_from_run(state, init_from, cfg, graphdef, abstract, shardings, init_optimizer)
   else:
     if init_from:
       log.warning("%s has checkpoints: resuming it, --init_from is ignored", workdir)

@@ -4,14 +4,18 @@
        autoencoder's latents; no evaluation; nothing kept beside its parameters
   vae  the causal video autoencoder: the reconstruction + KL step (vae_step.py); held-out PSNR
        and SSIM (vae_eval.py); the per-channel latent statistics, written beside its
-       parameters when training stops and into exports (vae_eval.py)
+       parameters when training stops and into exports (vae_eval.py); a VAE trained on images
+       that --init_from brings to a run on clips is inflated (vae.inflate_from_images)
 
 Everything else (mesh, input, state, checkpoints, preemption, metrics) is shared.
 """
 
 import dataclasses
+import logging
 from typing import Callable
 
+from flax import nnx
+import jax
 import ml_collections
 
 from jaxvid import config as config_lib
@@ -20,6 +24,8 @@ from jaxvid.models import vae as vae_lib
 from jaxvid.train import step as step_lib
 from jaxvid.train import vae_eval
 from jaxvid.train import vae_step
+
+log = logging.getLogger("jaxvid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +40,9 @@ class Task:
   make_evaluator: Callable = lambda cfg, graphdef, mesh, rules: None
   # (cfg, graphdef, params, step, directory, mesh, rules): files kept beside the parameters of `step`
   finalize: Callable = lambda cfg, graphdef, params, step, directory, mesh, rules: None
+  # (source cfg, cfg, graphdef, (params, ema)) -> (params, ema): the parameters --init_from took
+  # from a run of config `source`, made to fit this run
+  adapt_init: Callable = lambda source, cfg, graphdef, states: states
 
 
 def _dit_tokens(cfg: ml_collections.ConfigDict, spec: dict) -> int:
@@ -65,10 +74,28 @@ def _vae_describe(cfg: ml_collections.ConfigDict, num_params: int) -> str:
           f"{'x'.join(map(str, latent))} latents")
 
 
+def _vae_adapt_init(source: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, graphdef, states):
+  """A VAE trained on images (video.frames = 1) starting a run on clips: inflated
+  (`vae.inflate_from_images`: every frame coded as the images were), in one compiled call that
+  keeps each parameter's sharding."""
+  if source.video.frames != 1 or cfg.video.frames == 1:
+    return states
+
+  def inflate(params):
+    model = nnx.merge(graphdef, params)
+    vae_lib.inflate_from_images(model)
+    return nnx.state(model, nnx.Param)
+
+  log.info("--init_from a VAE trained on images: inflated to clips (earlier temporal taps zero, each "
+           "temporal upsample's first frame a copy of its second)")
+  return tuple(jax.jit(inflate, out_shardings=jax.tree.map(lambda x: x.sharding, s))(s) for s in states)
+
+
 TASKS = {
     "dit": Task(make_train_step=step_lib.make_train_step, tokens=_dit_tokens, describe=_dit_describe),
     "vae": Task(make_train_step=vae_step.make_train_step, tokens=_vae_tokens, describe=_vae_describe,
-                make_evaluator=vae_eval.make_evaluator, finalize=vae_eval.write_latent_statistics),
+                make_evaluator=vae_eval.make_evaluator, finalize=vae_eval.write_latent_statistics,
+                adapt_init=_vae_adapt_init),
 }
 
 

@@ -14,6 +14,7 @@ from conftest import LATENT_SMALL, TINY, VAE, VAE_SMALL, compiled_train_step, re
 from jaxvid import cli, config
 from jaxvid.data import pipeline, synthetic
 from jaxvid.models import autoencoder
+from jaxvid.models import vae as vae_lib
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.train import checkpoint as ckpt_lib
 from jaxvid.train import state as state_lib
@@ -63,6 +64,25 @@ def test_steps_per_call_trains_the_vae_like_one_step_a_call(tmp_path):
     np.testing.assert_allclose([b["loss"], b["grad_norm"]], [a["loss"], a["grad_norm"]], rtol=1e-5)
   for x, y in zip(*(jax.tree.leaves(restore_run(tmp_path / run, 4)) for run in ("one", "two"))):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_vae_trained_on_images_starts_a_run_on_clips_inflated(tmp_path):
+  """--init_from a run on 1-frame clips into a run on 5-frame clips: the parameters arrive
+  through `vae.inflate_from_images` (learning rate 0, so one step leaves them as they came)."""
+  common = ("--config.checkpoint.every=2", "--config.vae.eval_clips=0", "--config.vae.stats_clips=8")
+  assert train_vae_small(tmp_path / "images", "--config.video.frames=1", "--config.train.steps=2", *common) == 0
+  assert train_vae_small(tmp_path / "clips", "--config.train.steps=1", "--config.optim.lr=0.0", *common,
+                         "--init_from", str(tmp_path / "images")) == 0
+  source, started = restore_run(tmp_path / "images", 2), restore_run(tmp_path / "clips", 1)
+  graphdef, _ = state_lib.abstract_model(config.load(f"{VAE}:S", VAE_SMALL))
+  model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, jax.device_get(source.params)))
+  before = [np.array(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+  vae_lib.inflate_from_images(model)
+  changed = 0
+  for x, y, z in zip(before, *(jax.tree.leaves(s) for s in (nnx.state(model, nnx.Param), started.params))):
+    np.testing.assert_array_equal(np.asarray(z), np.asarray(y))
+    changed += not np.array_equal(np.asarray(x), np.asarray(y))
+  assert changed > 10   # every temporal kernel
 
 
 def _setup(*overrides):
