@@ -2,11 +2,16 @@
 report held-out PSNR/SSIM and encode/decode throughput in frames per second.
 
   python scripts/bench_vae.py --workdir runs/vae_bench --minutes 30 [--config configs/vae.py:S] [--config.KEY=VALUE ...]
+  python scripts/bench_vae.py --workdir runs/vae_bench2 --minutes 29 \
+      --images configs/vae.py:S_images --config configs/vae.py:S_from_images
 
 Step 1 runs the real CLI (`jaxvid train`; rerunning resumes): training stops at `--steps`
 (default the config's train.steps, 7,600 for S: 27.6 minutes on the 2-core CPU VM) or after
 `--minutes`, whichever comes first (at the deadline the script sends SIGTERM; the trainer
-saves a checkpoint and the latent statistics, and exits 0). Step 2 loads the run through the
+saves a checkpoint and the latent statistics, and exits 0). With `--images` training has two
+stages within the same `--minutes`: that config trains on images into WORKDIR_images (at most
+`--image_minutes`), then `--config` trains on clips into WORKDIR with `--init_from` the image
+run (inflated to clips); `--config.KEY=VALUE` overrides apply to both. Step 2 loads the run through the
 autoencoder interface (`autoencoder.name=vae`, EMA parameters) and measures, on `--clips`
 held-out clips (combinations of color, shape, direction and background that training never
 shows): PSNR (uint8, peak 255) and SSIM of the reconstructions, whole clips and in temporal
@@ -88,6 +93,9 @@ def main() -> None:
                  help="train.steps (default: the config's; the learning rate decays over them; the run stops "
                       "earlier at --minutes)")
   p.add_argument("--minutes", type=float, default=30.0, help="training time limit of this invocation")
+  p.add_argument("--images", default=None,
+                 help="a first stage on images, e.g. configs/vae.py:S_images (then --config starts from it)")
+  p.add_argument("--image_minutes", type=float, default=None, help="time limit of the image stage")
   p.add_argument("--clips", type=int, default=64, help="held-out clips for PSNR/SSIM")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--large", default="33x128x128", help="a second clip shape for throughput (FxHxW)")
@@ -98,8 +106,15 @@ def main() -> None:
   os.makedirs(args.workdir, exist_ok=True)
 
   steps = [f"--config.train.steps={args.steps}"] if args.steps else []
-  train_s = budget.train_for("bench_vae", args.minutes,
-                             ["--config", args.config, "--workdir", args.workdir, *steps, *args.overrides])
+  first, image_s = [], 0.0
+  if args.images:
+    image_run = args.workdir.rstrip("/") + "_images"
+    image_s = budget.train_for("bench_vae", min(args.image_minutes or args.minutes, args.minutes),
+                               ["--config", args.images, "--workdir", image_run, *args.overrides])
+    first = ["--init_from", image_run]
+  train_s = image_s + budget.train_for("bench_vae", max(args.minutes - image_s / 60, 0.0),
+                                       ["--config", args.config, "--workdir", args.workdir, *steps,
+                                        *args.overrides, *first])
 
   with open(os.path.join(args.workdir, "config.json")) as f:
     cfg = config_lib.from_json(f.read())
@@ -126,6 +141,7 @@ def main() -> None:
       "tiles": f"{tile}x{tile} latent cells, overlap 1, chunks of 1 latent frame",
       "throughput": speed, "encode_fps": speed[0]["encode_fps"], "decode_fps": speed[0]["decode_fps"],
       "train_steps": stats["step"], "train_seconds": round(train_s, 1), "last_logged_loss": rows[-1]["loss"],
+      "image_stage": {"config": args.images, "seconds": round(image_s, 1)} if args.images else None,
       "last_eval_psnr": next((r["eval/psnr"] for r in reversed(rows) if "eval/psnr" in r), None),
       "params": int(params),
       # Quality and throughput are measured here, on one device; training ran on the run's own
