@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py or configs/dit.py:B")
   t.add_argument("--workdir", required=True, help="run directory: config.json, metrics, checkpoints")
   t.add_argument("--init_from", default=None,
-                 help="start a new run from the parameters of another run directory or export")
+                 help="start a new run from the parameters of another run directory or export (a VAE "
+                      "trained on images is inflated to clips)")
   t.add_argument("--init_optimizer", action="store_true",
                  help="with --init_from a run directory: take its optimizer state too")
 

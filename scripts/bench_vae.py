@@ -6,12 +6,15 @@ report held-out PSNR/SSIM and encode/decode throughput in frames per second.
       --images configs/vae.py:S_images --config configs/vae.py:S_from_images
 
 Step 1 runs the real CLI (`jaxvid train`; rerunning resumes): training stops at `--steps`
-(default the config's train.steps, 7,600 for S: 27.6 minutes on the 2-core CPU VM) or after
-`--minutes`, whichever comes first (at the deadline the script sends SIGTERM; the trainer
-saves a checkpoint and the latent statistics, and exits 0). With `--images` training has two
-stages within the same `--minutes`: that config trains on images into WORKDIR_images (at most
-`--image_minutes`), then `--config` trains on clips into WORKDIR with `--init_from` the image
-run (inflated to clips); `--config.KEY=VALUE` overrides apply to both. Step 2 loads the run through the
+(default the config's train.steps) or after `--minutes`, whichever comes first (at the
+deadline the script sends SIGTERM; the trainer saves a checkpoint and the latent statistics,
+and exits 0). With `--images` training has two stages within the same `--minutes`: that
+config trains on images into WORKDIR_images (`--image_steps`, at most `--image_minutes`),
+then `--config` trains on clips into WORKDIR (`--steps`, the rest of the time) with
+`--init_from` the image run (inflated to clips); once WORKDIR has begun, a rerun resumes it and
+leaves the image run alone. `--config.KEY=VALUE` overrides apply to both stages (the stage
+configs set their own train.steps and optim.lr: give those with --image_steps / --steps, or
+leave them). Step 2 loads the run through the
 autoencoder interface (`autoencoder.name=vae`, EMA parameters) and measures, on `--clips`
 held-out clips (combinations of color, shape, direction and background that training never
 shows): PSNR (uint8, peak 255) and SSIM of the reconstructions, whole clips and in temporal
@@ -85,6 +88,12 @@ def throughput(run: str, shape: tuple[int, int, int], batch: int, reps: int, chu
           "encode_fps": batch * frames / enc_s, "decode_fps": batch * frames / dec_s}
 
 
+def _last_step(run: str) -> int:
+  """The last step a run logged."""
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    return json.loads(f.read().splitlines()[-1])["step"]
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", default="runs/vae_bench")
@@ -95,7 +104,9 @@ def main() -> None:
   p.add_argument("--minutes", type=float, default=30.0, help="training time limit of this invocation")
   p.add_argument("--images", default=None,
                  help="a first stage on images, e.g. configs/vae.py:S_images (then --config starts from it)")
-  p.add_argument("--image_minutes", type=float, default=None, help="time limit of the image stage")
+  p.add_argument("--image_minutes", type=float, default=None,
+                 help="time limit of the image stage (default half of --minutes; the clip stage gets the rest)")
+  p.add_argument("--image_steps", type=int, default=None, help="train.steps of the image stage (default: its config's)")
   p.add_argument("--clips", type=int, default=64, help="held-out clips for PSNR/SSIM")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--large", default="33x128x128", help="a second clip shape for throughput (FxHxW)")
@@ -103,18 +114,24 @@ def main() -> None:
   args.overrides = [o for o in overrides if o.startswith("--config.")]
   if len(args.overrides) != len(overrides):
     p.error(f"unrecognized arguments: {[o for o in overrides if not o.startswith('--config.')]}")
+  image_minutes = args.minutes / 2 if args.image_minutes is None else args.image_minutes
+  if args.images and not 0 < image_minutes <= args.minutes - 1:
+    p.error(f"--image_minutes {image_minutes:g} must leave the clip stage at least 1 of --minutes {args.minutes:g}")
   os.makedirs(args.workdir, exist_ok=True)
 
-  steps = [f"--config.train.steps={args.steps}"] if args.steps else []
-  first, image_s = [], 0.0
+  first, image_s, image_run = [], 0.0, args.workdir.rstrip("/") + "_images"
   if args.images:
-    image_run = args.workdir.rstrip("/") + "_images"
-    image_s = budget.train_for("bench_vae", min(args.image_minutes or args.minutes, args.minutes),
-                               ["--config", args.images, "--workdir", image_run, *args.overrides])
+    if os.path.exists(os.path.join(args.workdir, "config.json")):   # the clip stage has begun: it resumes
+      print(f"bench_vae: {args.workdir} has begun on clips; {image_run} is not trained further", flush=True)
+    else:
+      steps = [f"--config.train.steps={args.image_steps}"] if args.image_steps else []
+      image_s = budget.train_for("bench_vae", image_minutes,
+                                 ["--config", args.images, "--workdir", image_run, *args.overrides, *steps])
     first = ["--init_from", image_run]
-  train_s = image_s + budget.train_for("bench_vae", max(args.minutes - image_s / 60, 0.0),
-                                       ["--config", args.config, "--workdir", args.workdir, *steps,
-                                        *args.overrides, *first])
+  steps = [f"--config.train.steps={args.steps}"] if args.steps else []
+  train_s = image_s + budget.train_for("bench_vae", args.minutes - image_s / 60,
+                                       ["--config", args.config, "--workdir", args.workdir, *args.overrides,
+                                        *steps, *first])
 
   with open(os.path.join(args.workdir, "config.json")) as f:
     cfg = config_lib.from_json(f.read())
@@ -141,7 +158,8 @@ def main() -> None:
       "tiles": f"{tile}x{tile} latent cells, overlap 1, chunks of 1 latent frame",
       "throughput": speed, "encode_fps": speed[0]["encode_fps"], "decode_fps": speed[0]["decode_fps"],
       "train_steps": stats["step"], "train_seconds": round(train_s, 1), "last_logged_loss": rows[-1]["loss"],
-      "image_stage": {"config": args.images, "seconds": round(image_s, 1)} if args.images else None,
+      "image_stage": {"config": args.images, "seconds": round(image_s, 1), "steps": _last_step(image_run)}
+                     if args.images else None,
       "last_eval_psnr": next((r["eval/psnr"] for r in reversed(rows) if "eval/psnr" in r), None),
       "params": int(params),
       # Quality and throughput are measured here, on one device; training ran on the run's own

@@ -136,6 +136,10 @@ class VAE:
       if v[key] != a[key]:
         raise UserError(f"the VAE in {a.checkpoint} has {key}={v[key]}, the config autoencoder.{key}={a[key]}; "
                         f"set --config.autoencoder.{key}={v[key]}")
+    if vae_lib.trained_on_images(run_config) and not vae_lib.trained_on_images(cfg):
+      raise UserError(f"the VAE in {a.checkpoint} was trained on images only (video.frames=1), so its temporal "
+                      f"layers are untrained; train it on clips first: jaxvid train --config CONFIG --workdir DIR "
+                      f"--init_from {a.checkpoint} (e.g. CONFIG configs/vae.py:S_from_images)")
     model = nnx.eval_shape(lambda: vae_lib.build(run_config))
     plan = vae_tiling.Plan(tc=v.temporal_compression, sc=v.spatial_compression, chunk=a.chunk, tile=a.tile,
                            overlap=a.tile_overlap)

@@ -462,6 +462,13 @@ def init_kernels(model: nnx.Module, key: jax.Array) -> None:
     offset += p.size
 
 
+def trained_on_images(run_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether a VAE run's config gives it only 1-frame clips (video.frames, or every data.buckets
+  entry), so that its temporal layers never trained (see `inflate_from_images`)."""
+  specs = run_cfg.data.buckets or ((run_cfg.video.frames,),)
+  return all((tuple(s) if isinstance(s, (tuple, list)) else (s,))[0] == 1 for s in specs)
+
+
 def inflate_from_images(model: VAE) -> None:
   """Turns a VAE trained on images (1-frame clips) into the video VAE that codes every frame as
   it coded images, in place; video training then starts from there (image-then-video, as

@@ -75,7 +75,11 @@ def init_from_run(state: state_lib.TrainState, path: str, cfg: ml_collections.Co
   if config_lib.model_hash(source_cfg) != config_lib.model_hash(cfg):
     raise UserError(f"--init_from {path} is a different model; its model and text config must match")
   target = ckpt_lib.with_shardings(abstract, shardings)
-  adapt = lambda states: tasks.get(cfg).adapt_init(source_cfg, cfg, graphdef, states)
+  adapt = tasks.get(cfg).adapt_init(source_cfg, cfg, graphdef)
+  if adapt is not None and with_optimizer:
+    raise UserError(f"--init_from {path}: its parameters are changed to fit this run (a VAE trained on images "
+                    "goes to clips), so its optimizer state does not fit them; drop --init_optimizer")
+  adapt = adapt or (lambda params: params)
   if export_lib.is_export(path):
     if with_optimizer:
       raise UserError(f"--init_from {path} is an export, which has no optimizer state; drop --init_optimizer")
@@ -89,14 +93,12 @@ def init_from_run(state: state_lib.TrainState, path: str, cfg: ml_collections.Co
     restored = checkpointer.restore(step, target)
     checkpointer.close()
     log.info("initialized parameters, EMA and optimizer state from %s at step %d", path, step)
-    params, ema = adapt((restored.params, restored.ema))
-    return restored.replace(step=state.step, params=params, ema=ema)
+    return restored.replace(step=state.step)
   else:
     params, step = export_lib.load_params(path, cfg, target.params, which="params")
     ema, _ = export_lib.load_params(path, cfg, target.ema, step, which="ema")
   log.info("initialized parameters and EMA from %s at step %d", path, step)
-  params, ema = adapt((params, ema))
-  return state.replace(params=params, ema=ema)
+  return state.replace(params=adapt(params), ema=adapt(ema))
 
 
 def _shapes(batch: dict) -> tuple:

@@ -40,9 +40,9 @@ class Task:
   make_evaluator: Callable = lambda cfg, graphdef, mesh, rules: None
   # (cfg, graphdef, params, step, directory, mesh, rules): files kept beside the parameters of `step`
   finalize: Callable = lambda cfg, graphdef, params, step, directory, mesh, rules: None
-  # (source cfg, cfg, graphdef, (params, ema)) -> (params, ema): the parameters --init_from took
-  # from a run of config `source`, made to fit this run
-  adapt_init: Callable = lambda source, cfg, graphdef, states: states
+  # (source cfg, cfg, graphdef) -> None, or f(params) -> params that makes the parameters (and
+  # EMA) --init_from takes from a run of config `source` fit this run
+  adapt_init: Callable = lambda source, cfg, graphdef: None
 
 
 def _dit_tokens(cfg: ml_collections.ConfigDict, spec: dict) -> int:
@@ -74,12 +74,12 @@ def _vae_describe(cfg: ml_collections.ConfigDict, num_params: int) -> str:
           f"{'x'.join(map(str, latent))} latents")
 
 
-def _vae_adapt_init(source: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, graphdef, states):
-  """A VAE trained on images (video.frames = 1) starting a run on clips: inflated
-  (`vae.inflate_from_images`: every frame coded as the images were), in one compiled call that
-  keeps each parameter's sharding."""
-  if source.video.frames != 1 or cfg.video.frames == 1:
-    return states
+def _vae_adapt_init(source: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, graphdef):
+  """A VAE trained on images only starting a run on clips: inflated (`vae.inflate_from_images`:
+  every frame coded as the images were), in one compiled call that keeps each parameter's
+  sharding. Otherwise None: the parameters fit as they are."""
+  if not vae_lib.trained_on_images(source) or vae_lib.trained_on_images(cfg):
+    return None
 
   def inflate(params):
     model = nnx.merge(graphdef, params)
@@ -88,7 +88,7 @@ def _vae_adapt_init(source: ml_collections.ConfigDict, cfg: ml_collections.Confi
 
   log.info("--init_from a VAE trained on images: inflated to clips (earlier temporal taps zero, each "
            "temporal upsample's first frame a copy of its second)")
-  return tuple(jax.jit(inflate, out_shardings=jax.tree.map(lambda x: x.sharding, s))(s) for s in states)
+  return lambda params: jax.jit(inflate, out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
 
 
 TASKS = {

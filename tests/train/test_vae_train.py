@@ -18,6 +18,7 @@ from jaxvid.models import vae as vae_lib
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.train import checkpoint as ckpt_lib
 from jaxvid.train import state as state_lib
+from jaxvid.train import step as step_lib
 from jaxvid.train import video_quality
 
 
@@ -66,23 +67,40 @@ def test_steps_per_call_trains_the_vae_like_one_step_a_call(tmp_path):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
 
 
-def test_a_vae_trained_on_images_starts_a_run_on_clips_inflated(tmp_path):
-  """--init_from a run on 1-frame clips into a run on 5-frame clips: the parameters arrive
-  through `vae.inflate_from_images` (learning rate 0, so one step leaves them as they came)."""
+def test_a_vae_trained_on_images_starts_a_run_on_clips_inflated(tmp_path, capsys):
+  """--init_from a run on 1-frame clips into a run on 5-frame clips: the parameters and the EMA
+  arrive through `vae.inflate_from_images` (learning rate 0, so one step leaves the parameters
+  as they came and moves the EMA towards them). Its optimizer state does not fit the inflated
+  parameters, and a DiT on clips cannot use the image-only VAE."""
   common = ("--config.checkpoint.every=2", "--config.vae.eval_clips=0", "--config.vae.stats_clips=8")
-  assert train_vae_small(tmp_path / "images", "--config.video.frames=1", "--config.train.steps=2", *common) == 0
+  images = tmp_path / "images"
+  assert train_vae_small(images, "--config.video.frames=1", "--config.train.steps=2", *common) == 0
   assert train_vae_small(tmp_path / "clips", "--config.train.steps=1", "--config.optim.lr=0.0", *common,
-                         "--init_from", str(tmp_path / "images")) == 0
-  source, started = restore_run(tmp_path / "images", 2), restore_run(tmp_path / "clips", 1)
-  graphdef, _ = state_lib.abstract_model(config.load(f"{VAE}:S", VAE_SMALL))
-  model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, jax.device_get(source.params)))
-  before = [np.array(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
-  vae_lib.inflate_from_images(model)
-  changed = 0
-  for x, y, z in zip(before, *(jax.tree.leaves(s) for s in (nnx.state(model, nnx.Param), started.params))):
-    np.testing.assert_array_equal(np.asarray(z), np.asarray(y))
-    changed += not np.array_equal(np.asarray(x), np.asarray(y))
-  assert changed > 10   # every temporal kernel
+                         "--init_from", str(images)) == 0
+  source, started = restore_run(images, 2), restore_run(tmp_path / "clips", 1)
+  cfg = config.load(f"{VAE}:S", VAE_SMALL)
+  graphdef, _ = state_lib.abstract_model(cfg)
+
+  def inflated(params):   # [before, after] of each leaf
+    model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, jax.device_get(params)))
+    before = [np.array(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    vae_lib.inflate_from_images(model)
+    return before, [np.array(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+  (before, params), (_, ema) = inflated(source.params), inflated(source.ema)
+  d = float(step_lib.ema_decay(cfg.optim.ema_decay, 0))
+  for p, e, got_p, got_e in zip(params, ema, jax.tree.leaves(started.params), jax.tree.leaves(started.ema)):
+    np.testing.assert_array_equal(np.asarray(got_p), p)
+    np.testing.assert_allclose(np.asarray(got_e), d * e + (1 - d) * p, rtol=1e-6, atol=1e-7)
+  assert sum(not np.array_equal(x, y) for x, y in zip(before, params)) > 10   # every temporal kernel
+
+  capsys.readouterr()
+  assert train_vae_small(tmp_path / "opt", "--config.train.steps=1", *common, "--init_from", str(images),
+                         "--init_optimizer") == 2
+  assert "drop --init_optimizer" in capsys.readouterr().err
+  assert cli.main(["train", "--config", f"{TINY}:latent", "--workdir", str(tmp_path / "dit"), *LATENT_SMALL,
+                   f"--config.autoencoder.checkpoint={images}", "--config.train.steps=1"]) == 2
+  assert "trained on images only" in capsys.readouterr().err
 
 
 def _setup(*overrides):
