@@ -38,7 +38,9 @@ VARIANTS = {
 # Two stages of S (the same network): images first, then clips from them. A 1-frame step costs
 # a fraction of a 9-frame one (22 against 8.6 steps/s on 2 CPU cores) and the spatial coding is
 # most of what there is to learn; `--init_from` the image run inflates it to clips
-# (`vae.inflate_from_images`), and the clip stage refines it at a lower learning rate.
+# (`vae.inflate_from_images`), and the clip stage refines it at a lower learning rate. Held-out
+# PSNR 27.1 dB in 25.9 minutes, against 26.0 for S on clips alone in the same time (2026-11-30,
+# same machine); 15,800 + 6,000 steps gave 27.2, so the split is not critical.
 #   jaxvid train --config configs/vae.py:S_images --workdir runs/vae_images
 #   jaxvid train --config configs/vae.py:S_from_images --workdir runs/vae --init_from runs/vae_images
 STAGES = {
