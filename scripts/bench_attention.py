@@ -23,6 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxvid.models import attention
+from jaxvid.parallel import distributed
+
+distributed.set_xla_cpu_flags()   # XLA:CPU as jaxvid's commands set it up (before JAX makes a device)
 
 SHAPES = "2x2048x6x64,2x2048x6x64:32,1x8192x6x64"
 

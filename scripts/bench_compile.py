@@ -20,8 +20,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 import jax  # noqa: E402
 
 from jaxvid import config  # noqa: E402
+from jaxvid.parallel import distributed  # noqa: E402
 from jaxvid.parallel import mesh as mesh_lib  # noqa: E402
 from jaxvid.train import step as step_lib  # noqa: E402
+
+distributed.set_xla_cpu_flags()   # XLA:CPU as jaxvid's commands set it up (before JAX makes a device)
 
 
 def main() -> None:

@@ -35,9 +35,12 @@ import numpy as np
 from jaxvid import config as config_lib
 from jaxvid.data import synthetic
 from jaxvid.models import autoencoder
+from jaxvid.parallel import distributed
 from jaxvid.train import video_quality
 
 import budget   # scripts/budget.py
+
+distributed.set_xla_cpu_flags()   # XLA:CPU as jaxvid's commands set it up (before JAX makes a device)
 
 
 def _autoencoder(run: str, chunk: int = 0, tile: int = 0, overlap: int = 2):

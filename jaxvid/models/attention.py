@@ -12,8 +12,8 @@ Backends (`model.attention`), all softmax(q k^T / sqrt(K)) v with an optional ke
            NVIDIA GPUs; bfloat16 / float16 only.
   splash   the Pallas TPU splash-attention kernel; TPU only.
   auto     resolved per platform when traced (see `resolve`): cudnn on GPU (xla where cudnn
-           cannot take the dtype or head size), splash on TPU, blocked on CPU (xla where all
-           keys fit one block).
+           cannot take the dtype or head size), splash on TPU, blocked on CPU (xla for the few
+           keys of text cross-attention).
 
 A query row whose keys are all masked gets the mean of all its values from xla and blocked
 (the way jax.nn.dot_product_attention defines it); cudnn and splash leave it undefined.
@@ -37,6 +37,10 @@ BACKENDS = config.ATTENTION
 # B=2, N=2048, heads=6, K=64 float32: 256 to 1024 wide tiles are within 10% of each other
 # (512x256 best or tied in every sweep); 128-wide ones are 1.4x slower, one 2048 tile 1.2x.
 BLOCK_Q, BLOCK_K = 512, 256
+# auto on CPU keeps xla up to this many keys (scripts/bench_attention.py, fwd+bwd, xla against
+# blocked: 2,048 queries x 32 text keys 7.8 / 14.9 ms, x 64 15.5 / 23.2, x 128 50 / 35; 256 video
+# tokens, 4 heads of 32, 14.8 / 12.7 ms).
+CPU_XLA_KEYS = 64
 # What a masked score becomes (the value jax.nn.dot_product_attention uses): finite, so a row
 # with every key masked still has a softmax (uniform over its keys).
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
@@ -46,8 +50,7 @@ def resolve(backend: str, q: jax.Array, k: jax.Array) -> str:
   """The backend that runs for `backend` on this platform ("auto" is chosen here, when traced).
 
   auto: GPU: cudnn, or xla where cuDNN cannot take the dtype (float32) or head dim. TPU: splash.
-  CPU: blocked, or xla when all keys fit one block (nothing to tile; e.g. the 32 text tokens
-  of cross-attention, where xla measured a little faster).
+  CPU: blocked, or xla for at most CPU_XLA_KEYS keys (the text of cross-attention).
   """
   if backend not in BACKENDS:
     raise ValueError(f"unknown attention backend {backend!r}; one of {BACKENDS}")
@@ -58,7 +61,7 @@ def resolve(backend: str, q: jax.Array, k: jax.Array) -> str:
     return "cudnn" if _cudnn_reason(q) is None else "xla"
   if platform == "tpu":
     return "splash"
-  return "blocked" if k.shape[1] > BLOCK_K else "xla"
+  return "blocked" if k.shape[1] > CPU_XLA_KEYS else "xla"
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
@@ -135,6 +138,17 @@ def _scores(a, b, keep, real, scale, keys_first=False):
   return s
 
 
+def _fold_rows(x: jax.Array, op) -> jax.Array:
+  """x [..., n] -> [...]: op (jnp.maximum or jnp.add) over the last axis, by folding halves
+  elementwise down to 8 columns first. XLA:CPU reduces a minor axis 32 columns at a time in
+  scalar code (with its YNNPACK reductions off, see parallel/distributed.py); folding
+  vectorizes: the row max of a [6, 512, 256] score tile on one core, 811 -> 300 us."""
+  while x.shape[-1] > 8 and x.shape[-1] % 2 == 0:
+    half = x.shape[-1] // 2
+    x = op(x[..., :half], x[..., half:])
+  return x.max(-1) if op is jnp.maximum else x.sum(-1)
+
+
 def _forward(q, k, v, mask, block_q, block_k):
   """-> out [B, Nq, heads, K], row max m and row sum l [Nq/bq, B, heads, bq] float32."""
   scale = q.shape[-1] ** -0.5
@@ -146,12 +160,12 @@ def _forward(q, k, v, mask, block_q, block_k):
       o, m, l = carry
       kj, vj, keep_j, real_j = xs
       s = _scores(qi, kj, keep_j, real_j, scale)
-      m_new = jnp.maximum(m, s.max(-1))
+      m_new = jnp.maximum(m, _fold_rows(s, jnp.maximum))
       p = jnp.exp(s - m_new[..., None])
       c = jnp.exp(m - m_new)
       o = o * c[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p.astype(vj.dtype), vj,
                                         preferred_element_type=jnp.float32)
-      return (o, m_new, l * c + p.sum(-1)), None
+      return (o, m_new, l * c + _fold_rows(p, jnp.add)), None
 
     rows = qi.shape[:-1]
     init = (jnp.zeros(qi.shape, jnp.float32), jnp.full(rows, -jnp.inf), jnp.zeros(rows, jnp.float32))

@@ -106,9 +106,16 @@ def test_blocked_tiles_are_exact_for_any_block_size():
       assert_close(g, r, 1e-5)
 
 
+@pytest.mark.parametrize("n", [256, 24, 7, 8, 1])
+def test_folded_row_reductions_equal_max_and_sum(n):
+  x = jax.random.normal(jax.random.key(n), (2, 3, 5, n)) * 10
+  np.testing.assert_array_equal(attention._fold_rows(x, jnp.maximum), x.max(-1))
+  np.testing.assert_allclose(attention._fold_rows(x, jnp.add), x.sum(-1), rtol=1e-5, atol=1e-4)
+
+
 def test_auto_picks_per_platform(monkeypatch):
   f32, bf16 = jnp.zeros((1, 8, 1, 64)), jnp.zeros((1, 8, 1, 64), jnp.bfloat16)
-  long_keys = jnp.zeros((1, attention.BLOCK_K + 1, 1, 64))
+  long_keys = jnp.zeros((1, attention.CPU_XLA_KEYS + 1, 1, 64))
   for platform, q, k, want in [("cpu", f32, long_keys, "blocked"), ("cpu", f32, f32, "xla"),
                                ("gpu", bf16, bf16, "cudnn"), ("gpu", f32, f32, "xla"),
                                ("gpu", jnp.zeros((1, 8, 1, 12), jnp.bfloat16), bf16, "xla"),

@@ -81,3 +81,37 @@ def test_a_bad_cpu_devices_is_a_clear_error():
   cfg = config_lib.load(TINY, ["--config.distributed.cpu_devices=-2"])
   with pytest.raises(UserError, match=r"distributed.cpu_devices=-2 must be -1 \(JAX's count\), 0"):
     distributed.initialize(cfg)
+
+
+def _reduction_fusions_in_fresh_process(**env_changes) -> str:
+  """The kinds of fusion XLA:CPU compiles a sum over tokens to, after distributed.initialize in a
+  new process with `env_changes` (None: removed): "ynn" (a YNNPACK reduction) or "xla"."""
+  env = {k: v for k, v in {**os.environ, **env_changes}.items() if v is not None}
+  code = ("import jax, jax.numpy as jnp\n"
+          "from jaxvid import config as c\n"
+          "from jaxvid.parallel import distributed as d\n"
+          f"d.initialize(c.load({TINY!r}, []))\n"
+          "x = jnp.ones((1, 2048, 384))\n"
+          "text = jax.jit(lambda x: (x * x).sum(1)).lower(x).compile().as_text()\n"
+          "print('ynn' if 'ynn_fusion' in text else 'xla')\n")
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                        cwd=REPO)
+  assert proc.returncode == 0, proc.stderr
+  return proc.stdout.split()[-1]
+
+
+def test_commands_turn_off_ynnpack_reductions_unless_xla_flags_names_the_option():
+  assert _reduction_fusions_in_fresh_process(XLA_FLAGS=None) == "xla"
+  assert _reduction_fusions_in_fresh_process(XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=+reduce") == "ynn"
+
+
+def test_xla_cpu_flags_keep_the_users_own(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+  distributed.set_xla_cpu_flags()
+  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=3 "
+                                     "--xla_cpu_experimental_ynn_fusion_type=-reduce")
+  distributed.set_xla_cpu_flags()                                    # twice: added once
+  assert os.environ["XLA_FLAGS"].count("ynn_fusion_type") == 1
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=+reduce")
+  distributed.set_xla_cpu_flags()
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=+reduce"
