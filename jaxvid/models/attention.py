@@ -7,7 +7,7 @@ Backends (`model.attention`), all softmax(q k^T / sqrt(K)) v with an optional ke
   xla      jax.nn.dot_product_attention: materializes the [B, heads, Nq, Nk] scores.
   blocked  `blocked_attention` below, pure JAX: an online softmax over key blocks, a custom VJP
            that recomputes the scores block by block (FlashAttention-2), so memory is linear in
-           N. Runs everywhere; the CPU default.
+           N; on CPU one head at a time. Runs everywhere; the CPU default.
   cudnn    jax.nn.dot_product_attention(implementation="cudnn"), the fused flash kernel on
            NVIDIA GPUs; bfloat16 / float16 only.
   splash   the Pallas TPU splash-attention kernel; TPU only.
@@ -37,6 +37,10 @@ BACKENDS = config.ATTENTION
 # B=2, N=2048, heads=6, K=64 float32: 256 to 1024 wide tiles are within 10% of each other
 # (512x256 best or tied in every sweep); 128-wide ones are 1.4x slower, one 2048 tile 1.2x.
 BLOCK_Q, BLOCK_K = 512, 256
+# Blocked attention runs a head at a time on CPU when one clip's tile of every head's scores is
+# larger (bench_cpu's 6 x 512 x 256 float32, 3 MiB: in one process against all heads a tile,
+# train step -2 to -6%, forward -4%; tiny's 4 x 256 x 256, 1 MiB: looping 1-5% slower).
+TILE_BYTES = 1 << 20
 # auto on CPU keeps xla up to this many keys (scripts/bench_attention.py, fwd+bwd, xla against
 # blocked: 2,048 queries x 32 text keys 7.8 / 14.9 ms, x 64 15.5 / 23.2, x 128 50 / 35; 256 video
 # tokens, 4 heads of 32, 14.8 / 12.7 ms).
@@ -81,7 +85,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
 # --- blocked: online softmax forward, FlashAttention-2 backward, in plain JAX -----------------
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
-                      block_q: int | None = None, block_k: int | None = None) -> jax.Array:
+                      block_q: int | None = None, block_k: int | None = None,
+                      head_loop: bool | None = None) -> jax.Array:
   """`attend` without the [Nq, Nk] score matrix: tiles of block_q queries x block_k keys.
 
   Forward: for each query block (lax.map), an online softmax over key blocks (lax.scan);
@@ -89,12 +94,32 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
   recomputing each score tile; dq, dk, dv accumulate in float32 with D = rowsum(dO * O).
   Lengths need not divide the blocks (padded, and padded keys masked). Matmuls take the
   input dtype and accumulate in float32; the softmax is float32. Blocks default to
-  BLOCK_Q x BLOCK_K.
+  BLOCK_Q x BLOCK_K. `head_loop`: one head at a time (a lax.map over heads) instead of all
+  heads in each tile; None: `loops_heads`.
   """
   if k.shape[1] == 0:
     raise ValueError("blocked_attention needs at least one key")
   block_q, block_k = min(block_q or BLOCK_Q, q.shape[1]), min(block_k or BLOCK_K, k.shape[1])
-  return _blocked(q, k, v, mask, block_q, block_k)
+  if not (loops_heads(q, block_q, block_k) if head_loop is None else head_loop) or q.shape[2] == 1:
+    return _blocked(q, k, v, mask, block_q, block_k)
+  one_head = lambda x: jnp.moveaxis(x, 2, 0)[..., None, :]                       # [heads, B, N, 1, K]
+  out = jax.lax.map(lambda qkv: _blocked(*qkv, mask, block_q, block_k), (one_head(q), one_head(k), one_head(v)))
+  return jnp.moveaxis(out[..., 0, :], 0, 2)
+
+
+def loops_heads(q: jax.Array, block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> bool:
+  """Whether blocked attention of q [B, Nq, heads, K] in block_q x block_k tiles runs a head
+  at a time: on CPU where one clip's tile of every head's scores is over TILE_BYTES, so that a
+  head's tiles stay in the core's cache, unless the mesh splits the heads (a loop over a split
+  axis would gather it)."""
+  tile = q.shape[2] * min(block_q, q.shape[1]) * block_k * 4
+  if jax.default_backend() != "cpu" or tile <= TILE_BYTES:
+    return False
+  ctx = sh.current()
+  if ctx is None or jax.sharding.get_abstract_mesh().manual_axes:      # no mesh, or per device
+    return True
+  mesh, rules = ctx
+  return sh.logical_to_spec((sh.BATCH, sh.LENGTH, sh.ACT_HEADS, None), rules, mesh)[2] is None
 
 
 def _tiles(x: jax.Array, size: int) -> jax.Array:

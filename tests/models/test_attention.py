@@ -3,6 +3,8 @@ and auto here, the splash glue in the Pallas interpreter here, the cudnn and spl
 on a GPU / TPU only (skipped elsewhere). The DiT gives the same outputs and gradients with
 model.attention=blocked as with xla."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,12 +100,26 @@ def test_a_row_with_every_key_masked_is_what_xla_gives(backend):
 def test_blocked_tiles_are_exact_for_any_block_size():
   q, k, v, mask, w = inputs(jnp.float32, True)
   want, want_grads = value_and_grads(reference, q, k, v, mask, w)
-  for bq, bk in [(1, 1), (5, 23), (37, 3), (64, 64)]:
-    fn = lambda q, k, v, m: attention.blocked_attention(q, k, v, m, block_q=bq, block_k=bk)
+  for (bq, bk), head_loop in itertools.product([(1, 1), (5, 23), (37, 3), (64, 64)], [False, True]):
+    fn = lambda q, k, v, m: attention.blocked_attention(q, k, v, m, block_q=bq, block_k=bk, head_loop=head_loop)
     out, grads = value_and_grads(fn, q, k, v, mask, w)
     assert_close(out, want, 1e-5)
     for g, r in zip(grads, want_grads):
       assert_close(g, r, 1e-5)
+
+
+def test_blocked_loops_over_heads_on_cpu_unless_the_mesh_splits_them(monkeypatch):
+  q = jnp.zeros((2, 1024, 6, 8))                                     # 6 x 512 x 256 float32 tiles: 3 MiB
+  assert attention.loops_heads(q)                                    # no mesh
+  assert not attention.loops_heads(q[:, :, :2])                      # 1 MiB
+  assert not attention.loops_heads(q, 128, 256)
+  for mesh_shape, want in [((2, 1, 4, 1), False), ((8, 1, 1, 1), True), ((2, 2, 2, 1), False)]:
+    cfg = config.base_config()
+    cfg.mesh.update(dict(zip(config.MESH_AXES, mesh_shape)))
+    with sharding.activation_rules(make_mesh(cfg), sharding.rules_from_config(cfg)):
+      assert attention.loops_heads(q) == want, mesh_shape
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not attention.loops_heads(q)
 
 
 @pytest.mark.parametrize("n", [256, 24, 7, 8, 1])
