@@ -28,9 +28,9 @@ from jaxvid.errors import UserError
 log = logging.getLogger("jaxvid")
 
 # XLA:CPU options set for every jaxvid command, unless XLA_FLAGS already names them. YNNPACK's
-# reductions are 4-10x slower than XLA's own on this project's shapes (summing a [2048, 384]
+# reductions are 4-11x slower than XLA's own on this project's shapes (summing a [2048, 384]
 # activation over tokens on one core: 7.1 ms against 0.65 ms); with them off the bench_cpu train
-# step is 11-13% faster (README, Performance). XLA only reads XLA_FLAGS when it makes its first
+# step is 9-13% faster (README, Performance). XLA only reads XLA_FLAGS when it makes its first
 # backend, so this takes effect only before then.
 XLA_CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-reduce"}
 
