@@ -90,6 +90,23 @@ def test_folded_convolution_matches_the_3d_one(kernel, stride):
     vae.conv3d(x, k, stride, "2d")
 
 
+@pytest.mark.parametrize("kernel, stride", [((3, 3, 3), (1, 1, 1)), ((3, 1, 1), (2, 1, 1)), ((3, 1, 1), (1, 1, 1)),
+                                            ((3, 3, 3), (1, 2, 2))])
+def test_an_image_runs_only_the_last_tap_and_keeps_the_same_cache(kernel, stride):
+  """A lone first frame (no cache) convolves with the kernel's last tap only; output and cache
+  are what the zero-padded clip gives (passing the zero past as a cache takes the general path)."""
+  conv = nnx.jit(lambda: vae.CausalConv3d(5, 4, kernel, stride, dtype=jnp.float32, param_dtype=jnp.float32))()
+  conv.kernel[...] = jax.random.normal(jax.random.key(0), conv.kernel.shape)
+  conv.bias[...] = jnp.arange(4.0)
+  x = jax.random.normal(jax.random.key(1), (2, 1, 6, 6, 5))
+  with jax.default_matmul_precision("highest"):
+    y, cache = conv(x)
+    reference, reference_cache = conv(x, jnp.zeros((2, kernel[0] - 1, 6, 6, 5)))
+  np.testing.assert_allclose(y, reference, atol=1e-5)
+  np.testing.assert_array_equal(cache, reference_cache)
+  assert float(jnp.max(jnp.abs(y))) > 1.0
+
+
 @pytest.mark.parametrize("norm, shortcuts", [("rms", True), ("group", False)])
 def test_encoder_is_causal_and_encodes_the_first_frame_alone(norm, shortcuts):
   encode, _ = _jit(_model(f"--config.vae.norm={norm}", "--config.vae.groups=4", f"--config.vae.shortcuts={shortcuts}"))
