@@ -19,6 +19,7 @@ from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.train import checkpoint as ckpt_lib
 from jaxvid.train import state as state_lib
 from jaxvid.train import step as step_lib
+from jaxvid.train import vae_step
 from jaxvid.train import video_quality
 
 
@@ -125,6 +126,15 @@ def test_a_few_steps_reduce_the_reconstruction_loss():
     state, metrics = step(state, batch, {})
   after = float(recon_l1(state.params))
   assert after < 0.7 * before, (before, after)
+
+
+def test_going_past_the_pixel_range_costs_nothing_only_where_the_target_is_on_its_end():
+  x = jnp.array([-1.0, -1.0, -1.0, 0.0, 0.2, 1.0, 1.0, 1.0])
+  recon = jnp.array([-1.5, -0.5, -1.0, 1.5, -1.3, 1.5, 0.5, 1.0])
+  np.testing.assert_allclose(vae_step.pixel_error(recon, x), [0.0, 0.5, 0.0, 1.5, -1.5, 0.0, -0.5, 0.0], atol=1e-7)
+  # uint8 video that round-trips through normalize sits exactly on the ends
+  ends = autoencoder.normalize(jnp.array([0, 255], jnp.uint8))
+  np.testing.assert_array_equal(vae_step.pixel_error(ends + jnp.array([-0.1, 0.1]), ends), [0.0, 0.0])
 
 
 def test_ssim_and_adversarial_terms_train_the_discriminator():
