@@ -153,14 +153,15 @@ def base_config() -> ConfigDict:
   # `shortcuts`: parameter-free shortcuts around every 2x down/upsampling and the latent (DC-AE style; they need
   # latent_channels to divide the last stage's width).
   # Loss: l1 |x - x'| + mse (x - x')^2 + kl KL (means over elements) + ssim (1 - SSIM) + adversarial
-  # (hinge GAN with a 3D patch discriminator, from step adversarial_start). Held-out PSNR/SSIM on
-  # eval_clips clips (synthetic: unseen combinations; files: of eval_manifest; 0: none) every eval_every
+  # (hinge GAN with a 3D patch discriminator, from step adversarial_start); clipped_range: going past -1 or 1
+  # where the target pixel is -1 or 1 costs nothing (sharper reconstructions; see configs/vae.py). Held-out
+  # PSNR/SSIM on eval_clips clips (synthetic: unseen combinations; files: of eval_manifest; 0: none) every eval_every
   # steps (0: at the end only); per-channel latent statistics over stats_clips training clips.
   c.vae = ConfigDict(dict(
       channels=64, channel_mult=(1, 2, 2), blocks=1, latent_channels=16, temporal_compression=4,
       spatial_compression=8, patch=4, norm="rms", groups=8, shortcuts=False, dtype="float32",
       param_dtype="float32", l1=0.0, mse=1.0, kl=1e-6, ssim=0.0, adversarial=0.0, adversarial_start=0,
-      eval_every=0, eval_clips=32, eval_manifest="", stats_clips=64))
+      clipped_range=False, eval_every=0, eval_clips=32, eval_manifest="", stats_clips=64))
 
   # Multi-host (see parallel/distributed.py); the environment can supply all of it.
   # cpu_devices: JAX CPU devices this process makes (when it computes on its CPU). -1: JAX's own count

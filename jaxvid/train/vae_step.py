@@ -9,7 +9,8 @@ sample, x' = decode(mean + sigma eps):
   + vae.ssim (1 - SSIM(x, x'))                     a structural term that needs no pretrained network
   + vae.adversarial (-D(x'))                       from step vae.adversarial_start, hinge GAN
 
-where e = x' - x, except that going past -1 or 1 where x is -1 or 1 costs nothing (`pixel_error`).
+where e = x' - x; with vae.clipped_range going past -1 or 1 where x is -1 or 1 costs nothing
+(`pixel_error`).
 With an adversarial term the discriminator D (part of the model's parameters) is trained in the
 same step on its hinge loss, relu(1 - D(x)) + relu(1 + D(x')), with x' held fixed; the VAE's
 terms see D held fixed. One optimizer updates both.
@@ -38,12 +39,13 @@ class LossWeights:
   ssim: float = 0.0
   adversarial: float = 0.0
   adversarial_start: int = 0
+  clipped_range: bool = False
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "LossWeights":
     v = cfg.vae
     return cls(l1=v.l1, mse=v.mse, kl=v.kl, ssim=v.ssim, adversarial=v.adversarial,
-               adversarial_start=v.adversarial_start)
+               adversarial_start=v.adversarial_start, clipped_range=v.clipped_range)
 
 
 def psnr_of_mse(mse: jax.Array) -> jax.Array:
@@ -54,8 +56,9 @@ def psnr_of_mse(mse: jax.Array) -> jax.Array:
 def pixel_error(recon: jax.Array, x: jax.Array) -> jax.Array:
   """recon - x (both [B, T, H, W, 3], x in [-1, 1]), but zero where x sits on an end of the range
   and recon is past it: a decoded video is clipped to [-1, 1] (as `autoencoder.VAE.decode` and a
-  saved video do), so saturated colors and black need not be hit exactly. On a 1,500-step clip
-  stage of S: held-out PSNR 27.7 against 26.9 dB, SSIM 0.948 against 0.857."""
+  saved video do), so saturated colors and black need not be hit exactly (`vae.clipped_range`). On
+  a 1,500-step clip stage of S: held-out PSNR 27.7 against 26.9 dB, SSIM 0.948 against 0.857; but
+  see configs/vae.py for what it did to a latent DiT."""
   err = recon - x
   return jnp.where(x >= 1.0, jnp.minimum(err, 0.0), jnp.where(x <= -1.0, jnp.maximum(err, 0.0), err))
 
@@ -65,7 +68,7 @@ def vae_loss(model: vae_lib.VAE, x: jax.Array, rng: jax.Array, w: LossWeights, a
   weight of the generator's adversarial term at this step (0 before vae.adversarial_start).
   The objective adds the discriminator's loss to the VAE's; gradients keep them apart."""
   recon, mean, logvar = model(x, rng)
-  err = pixel_error(recon, x)
+  err = pixel_error(recon, x) if w.clipped_range else recon - x
   l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
   kl = vae_lib.kl_divergence(mean, logvar)
   loss = w.l1 * l1 + w.mse * mse + w.kl * kl
