@@ -154,9 +154,10 @@ def base_config() -> ConfigDict:
   # latent_channels to divide the last stage's width).
   # Loss: l1 |x - x'| + mse (x - x')^2 + kl KL (means over elements) + ssim (1 - SSIM) + adversarial
   # (hinge GAN with a 3D patch discriminator, from step adversarial_start); clipped_range: going past -1 or 1
-  # where the target pixel is -1 or 1 costs nothing (sharper reconstructions; see configs/vae.py). Held-out
-  # PSNR/SSIM on eval_clips clips (synthetic: unseen combinations; files: of eval_manifest; 0: none) every eval_every
-  # steps (0: at the end only); per-channel latent statistics over stats_clips training clips.
+  # where the target pixel is -1 or 1 costs nothing (sharper reconstructions; see configs/vae.py; recon/*
+  # metrics then measure that error). Held-out PSNR/SSIM on eval_clips clips (synthetic: unseen combinations;
+  # files: of eval_manifest; 0: none) every eval_every steps (0: at the end only); per-channel latent statistics
+  # over stats_clips training clips.
   c.vae = ConfigDict(dict(
       channels=64, channel_mult=(1, 2, 2), blocks=1, latent_channels=16, temporal_compression=4,
       spatial_compression=8, patch=4, norm="rms", groups=8, shortcuts=False, dtype="float32",

@@ -13,7 +13,11 @@ from jaxvid.errors import UserError
 from jaxvid.train import state as state_lib
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
-VARIANTS = {"dit.py": ["S", "B", "L", "XL", "wan1.3B"], "vae.py": ["S", "B", "L", "S_images", "S_from_images"], "tiny.py": ["", "latent"]}
+VARIANTS = {
+    "dit.py": ["S", "B", "L", "XL", "wan1.3B"],
+    "vae.py": ["S", "B", "L", "S_images", "S_from_images"],
+    "tiny.py": ["", "latent"],
+}
 
 
 def all_specs():
