@@ -153,13 +153,7 @@ class CausalConv3d(nnx.Module):
     continues exactly where this one stopped. A kernel of one frame with stride 1 keeps none.
     """
     kt, st = self.kernel_size[0], self.stride[0]
-    kernel = self.kernel[...]
-    if cache is None and x.shape[1] == 1 and kt > 1:
-      # An image (a clip's lone first frame): every tap but the last sees the zero past, so only
-      # the last runs (kt times less work; the image stage of configs/vae.py trains on these).
-      y = conv3d(x.astype(self.dtype), kernel[-1:].astype(self.dtype), (1, *self.stride[1:]))
-      cache = jnp.concatenate([jnp.zeros((x.shape[0], kt - 1, *x.shape[2:]), x.dtype), x], axis=1)[:, st:]
-      return y + self.bias[...].astype(self.dtype), cache
+    image = cache is None and x.shape[1] == 1 and kt > 1
     if kt > 1 or st > 1:
       if cache is None:
         cache = jnp.zeros((x.shape[0], kt - 1, *x.shape[2:]), x.dtype)
@@ -167,7 +161,11 @@ class CausalConv3d(nnx.Module):
       windows = (x.shape[1] - kt) // st + 1
       cache = x[:, windows * st:]
       x = x[:, :(windows - 1) * st + kt]
-    y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+    kernel = self.kernel[...].astype(self.dtype)
+    if image:   # a clip's lone first frame: every tap but the last sees the zero past (kt times less work)
+      y = conv3d(x[:, -1:].astype(self.dtype), kernel[-1:], (1, *self.stride[1:]))
+    else:
+      y = conv3d(x.astype(self.dtype), kernel, self.stride)
     return y + self.bias[...].astype(self.dtype), (cache if kt > 1 or st > 1 else None)
 
 
