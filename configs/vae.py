@@ -49,7 +49,9 @@ VARIANTS = {
 #   jaxvid train --config configs/vae.py:S_from_images --workdir runs/vae --init_from runs/vae_images
 STAGES = {
     "S_images": dict(frames=1, batch=16, steps=10_000, lr=3e-3, eval_every=1000),
-    "S_from_images": dict(frames=9, batch=4, steps=8_000, lr=3e-4, eval_every=250),
+    "S_from_images": dict(frames=9, batch=4, steps=7_000, lr=3e-4, eval_every=250),
+    "S_decoder": dict(frames=9, batch=4, steps=1_200, lr=3e-4, eval_every=200, clipped_range=True,
+                      frozen="^encoder/"),
 }
 
 
@@ -61,6 +63,8 @@ def get_config(arg: str = "S"):
     c.train.steps, c.train.batch_size = stage["steps"], stage["batch"]
     c.optim.lr = stage["lr"]
     c.vae.eval_every = stage["eval_every"]
+    c.vae.clipped_range = stage.get("clipped_range", False)
+    c.optim.frozen = stage.get("frozen", "")
     return c
   if arg not in VARIANTS:
     raise ValueError(f"unknown variant {arg!r} of configs/vae.py; choose one of {', '.join([*VARIANTS, *STAGES])}")

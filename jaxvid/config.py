@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 
 import ml_collections
 
@@ -107,6 +108,10 @@ def base_config() -> ConfigDict:
   c.optim.b2 = 0.99
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.999
+  # Parameters left as they are: a regular expression searched in paths like "encoder/conv_in/kernel"
+  # ("" trains all). They get no gradient (no backward runs through them) and no update, and their EMA
+  # stays equal to them; with --init_from they take the source run's EMA values.
+  c.optim.frozen = ""
 
   c.train = ConfigDict(dict(steps=1000, batch_size=8, log_every=50))
   # Train steps run back to back in one compiled program (a scan over that many batches) between
@@ -291,6 +296,10 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
   `train` adds the checks that only training needs (the batch must split over the mesh).
   """
   v, m = cfg.video, cfg.model
+  try:
+    re.compile(cfg.optim.frozen)
+  except re.error as e:
+    raise UserError(f"optim.frozen={cfg.optim.frozen!r} is not a regular expression ({e})") from e
   if len(m.patch) != 3 or min(m.patch) < 1:
     raise UserError(f"model.patch={m.patch} must be three positive sizes (t, h, w)")
   validate_autoencoder(cfg)

@@ -2,19 +2,17 @@
 report held-out PSNR/SSIM and encode/decode throughput in frames per second.
 
   python scripts/bench_vae.py --workdir runs/vae_bench --minutes 30 [--config configs/vae.py:S] [--config.KEY=VALUE ...]
-  python scripts/bench_vae.py --workdir runs/vae_bench2 --minutes 29 \
-      --images configs/vae.py:S_images --config configs/vae.py:S_from_images
+  python scripts/bench_vae.py --workdir runs/vae_bench --minutes 29 --config configs/vae.py:S_images \
+      --config configs/vae.py:S_from_images --config configs/vae.py:S_decoder
 
-Step 1 runs the real CLI (`jaxvid train`; rerunning resumes): training stops at `--steps`
-(default the config's train.steps) or after `--minutes`, whichever comes first (at the
-deadline the script sends SIGTERM; the trainer saves a checkpoint and the latent statistics,
-and exits 0). With `--images` training has two stages within the same `--minutes`: that
-config trains on images into WORKDIR_images (`--image_steps`, at most `--image_minutes`),
-then `--config` trains on clips into WORKDIR (`--steps`, the rest of the time) with
-`--init_from` the image run (inflated to clips); once WORKDIR has begun, a rerun resumes it and
-leaves the image run alone. `--config.KEY=VALUE` overrides apply to both stages (the stage
-configs set their own train.steps and optim.lr: give those with --image_steps / --steps, or
-leave them). Step 2 loads the run through the
+Step 1 runs the real CLI (`jaxvid train`; rerunning resumes), stage by stage: each `--config`
+trains until its train.steps (`--steps` sets the last one's), and all of them within
+`--minutes` (at the deadline the script sends SIGTERM; the trainer saves a checkpoint and the
+latent statistics, and exits 0). The last stage trains in WORKDIR, each earlier one in
+WORKDIR_NAME (NAME: what follows the ':' of its --config), and each stage after the first
+starts `--init_from` the one before (a VAE trained on images is inflated to clips). A rerun
+resumes the latest stage that has begun and leaves the earlier ones alone. `--config.KEY=VALUE`
+overrides apply to every stage. Step 2 loads the last stage through the
 autoencoder interface (`autoencoder.name=vae`, EMA parameters) and measures, on `--clips`
 held-out clips (combinations of color, shape, direction and background that training never
 shows): PSNR (uint8, peak 255) and SSIM of the reconstructions, whole clips and in temporal
@@ -27,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -100,16 +99,11 @@ def _last_step(run: str) -> int:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", default="runs/vae_bench")
-  p.add_argument("--config", default="configs/vae.py:S")
+  p.add_argument("--config", action="append", default=None,
+                 help="a training stage (default configs/vae.py:S); give it again for more stages, in order")
   p.add_argument("--steps", type=int, default=None,
-                 help="train.steps (default: the config's; the learning rate decays over them; the run stops "
-                      "earlier at --minutes)")
-  p.add_argument("--minutes", type=float, default=30.0, help="training time limit of this invocation")
-  p.add_argument("--images", default=None,
-                 help="a first stage on images, e.g. configs/vae.py:S_images (then --config starts from it)")
-  p.add_argument("--image_minutes", type=float, default=None,
-                 help="time limit of the image stage (default half of --minutes; the clip stage gets the rest)")
-  p.add_argument("--image_steps", type=int, default=None, help="train.steps of the image stage (default: its config's)")
+                 help="train.steps of the last stage (default: its config's; the learning rate decays over them)")
+  p.add_argument("--minutes", type=float, default=30.0, help="training time limit of this invocation, all stages")
   p.add_argument("--clips", type=int, default=64, help="held-out clips for PSNR/SSIM")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--large", default="33x128x128", help="a second clip shape for throughput (FxHxW)")
@@ -117,24 +111,28 @@ def main() -> None:
   args.overrides = [o for o in overrides if o.startswith("--config.")]
   if len(args.overrides) != len(overrides):
     p.error(f"unrecognized arguments: {[o for o in overrides if not o.startswith('--config.')]}")
-  image_minutes = args.minutes / 2 if args.image_minutes is None else args.image_minutes
-  if args.images and not 0 < image_minutes <= args.minutes - 1:
-    p.error(f"--image_minutes {image_minutes:g} must leave the clip stage at least 1 of --minutes {args.minutes:g}")
+  configs = args.config or ["configs/vae.py:S"]
+  runs = [f"{args.workdir.rstrip('/')}_{c.partition(':')[2] or i}" for i, c in enumerate(configs[:-1])]
+  runs.append(args.workdir)
+  if len(set(runs)) != len(runs):
+    p.error(f"two stages would train in the same directory: {runs}; give configs with different names after ':'")
   os.makedirs(args.workdir, exist_ok=True)
 
-  first, image_s, image_run = [], 0.0, args.workdir.rstrip("/") + "_images"
-  if args.images:
-    if os.path.exists(os.path.join(args.workdir, "config.json")):   # the clip stage has begun: it resumes
-      print(f"bench_vae: {args.workdir} has begun on clips; {image_run} is not trained further", flush=True)
-    else:
-      steps = [f"--config.train.steps={args.image_steps}"] if args.image_steps else []
-      image_s = budget.train_for("bench_vae", image_minutes,
-                                 ["--config", args.images, "--workdir", image_run, *args.overrides, *steps])
-    first = ["--init_from", image_run]
-  steps = [f"--config.train.steps={args.steps}"] if args.steps else []
-  train_s = image_s + budget.train_for("bench_vae", args.minutes - image_s / 60,
-                                       ["--config", args.config, "--workdir", args.workdir, *args.overrides,
-                                        *steps, *first])
+  begun = lambda run: os.path.exists(os.path.join(run, "config.json"))
+  first = max([i for i, run in enumerate(runs) if begun(run)], default=0)   # earlier stages are done
+  stages, train_s = [], 0.0
+  for i, (config, run) in enumerate(zip(configs, runs)):
+    if i < first:
+      print(f"bench_vae: {runs[first]} has begun; {run} is not trained further", flush=True)
+      continue
+    left = args.minutes - train_s / 60
+    if left < 1:
+      sys.exit(f"bench_vae: {args.minutes:g} minutes ran out before stage {config}; raise --minutes or lower steps")
+    steps = [f"--config.train.steps={args.steps}"] if args.steps and i == len(configs) - 1 else []
+    init = ["--init_from", runs[i - 1]] if i > 0 and not begun(run) else []
+    seconds = budget.train_for("bench_vae", left, ["--config", config, "--workdir", run, *args.overrides, *steps, *init])
+    train_s += seconds
+    stages.append({"config": config, "workdir": run, "seconds": round(seconds, 1), "steps": _last_step(run)})
 
   with open(os.path.join(args.workdir, "config.json")) as f:
     cfg = config_lib.from_json(f.read())
@@ -161,14 +159,13 @@ def main() -> None:
       "tiles": f"{tile}x{tile} latent cells, overlap 1, chunks of 1 latent frame",
       "throughput": speed, "encode_fps": speed[0]["encode_fps"], "decode_fps": speed[0]["decode_fps"],
       "train_steps": stats["step"], "train_seconds": round(train_s, 1), "last_logged_loss": rows[-1]["loss"],
-      "image_stage": {"config": args.images, "seconds": round(image_s, 1), "steps": _last_step(image_run)}
-                     if args.images else None,
+      "stages": stages,   # those trained by this invocation
       "last_eval_psnr": next((r["eval/psnr"] for r in reversed(rows) if "eval/psnr" in r), None),
       "params": int(params),
       # Quality and throughput are measured here, on one device; training ran on the run's own
       # (its config.json: configs/vae.py:S has distributed.cpu_devices=0, a CPU device per core).
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-      "config": args.config, "overrides": args.overrides,
+      "config": configs, "overrides": args.overrides,
   }
   with open(os.path.join(args.workdir, "vae_quality.json"), "w") as f:
     json.dump(report, f, indent=2)

@@ -15,7 +15,7 @@ from jaxvid.train import state as state_lib
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 VARIANTS = {
     "dit.py": ["S", "B", "L", "XL", "wan1.3B"],
-    "vae.py": ["S", "B", "L", "S_images", "S_from_images"],
+    "vae.py": ["S", "B", "L", "S_images", "S_from_images", "S_decoder"],
     "tiny.py": ["", "latent"],
 }
 

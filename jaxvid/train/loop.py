@@ -86,6 +86,9 @@ def init_from_run(state: state_lib.TrainState, path: str, cfg: ml_collections.Co
     params, step = export_lib.restore(path, cfg, target.params)
     ema = params
   elif with_optimizer:
+    if source_cfg.optim.get("frozen", "") != cfg.optim.frozen:
+      raise UserError(f"--init_from {path} --init_optimizer: its optim.frozen differs from this run's, so its "
+                      "optimizer state does not fit; drop --init_optimizer or give the same optim.frozen")
     checkpointer = ckpt_lib.Checkpointer(path)
     step = checkpointer.latest_step()
     if step is None:
@@ -98,7 +101,11 @@ def init_from_run(state: state_lib.TrainState, path: str, cfg: ml_collections.Co
     params, step = export_lib.load_params(path, cfg, target.params, which="params")
     ema, _ = export_lib.load_params(path, cfg, target.ema, step, which="ema")
   log.info("initialized parameters and EMA from %s at step %d", path, step)
-  return state.replace(params=adapt(params), ema=adapt(ema))
+  params, ema = adapt(params), adapt(ema)
+  # Frozen parameters (optim.frozen) are the source's EMA, the weights it is evaluated and exported with
+  # (a copy: the step donates both trees).
+  params = jax.tree.map(lambda f, p, e: e.copy() if f else p, state_lib.frozen_mask(cfg, params), params, ema)
+  return state.replace(params=params, ema=ema)
 
 
 def _shapes(batch: dict) -> tuple:

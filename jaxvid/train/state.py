@@ -5,6 +5,8 @@ TrainState is a pytree of arrays: parameters, optimizer state and EMA parameters
 structure (`nnx.GraphDef`) stays outside, static.
 """
 
+import re
+
 import flax.struct
 from flax import nnx
 import jax
@@ -13,6 +15,7 @@ from jax.sharding import Mesh
 import ml_collections
 import optax
 
+from jaxvid.errors import UserError
 from jaxvid.models import dit
 from jaxvid.models import vae
 from jaxvid.parallel import sharding
@@ -29,8 +32,38 @@ class TrainState:
   ema: nnx.State
 
 
+def param_path(keys) -> str:
+  """The path of a parameter as `frozen_mask` matches it: "encoder/conv_in/kernel"."""
+  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys]
+  return "/".join(names[:-1] if names and names[-1] == "value" else names)
+
+
+def frozen_mask(cfg: ml_collections.ConfigDict, params):
+  """A tree like `params` of bools: True for the parameters `optim.frozen` names (all False when
+  it is empty). A pattern that names none or all of them is an error."""
+  pattern = cfg.optim.frozen
+  mask = jax.tree_util.tree_map_with_path(lambda k, _: bool(pattern) and re.search(pattern, param_path(k)) is not None,
+                                          params)
+  if pattern and (not any(jax.tree.leaves(mask)) or all(jax.tree.leaves(mask))):
+    example = param_path(jax.tree_util.tree_flatten_with_path(params)[0][0][0])
+    raise UserError(f"optim.frozen={pattern!r} matches {'no' if not any(jax.tree.leaves(mask)) else 'every'} "
+                    f"parameter; it is searched in paths like {example!r}")
+  return mask
+
+
+def stop_frozen(mask, params):
+  """`params` with the gradient stopped at the frozen ones (nothing is computed for them)."""
+  return jax.tree.map(lambda f, p: jax.lax.stop_gradient(p) if f else p, mask, params)
+
+
+def update_ema(ema, params, decay: jax.Array, mask):
+  """decay * ema + (1 - decay) * params, leaving the EMA of frozen parameters exactly as it is."""
+  return jax.tree.map(lambda f, e, p: e if f else decay * e + (1 - decay) * p, mask, ema, params)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup then cosine decay, after global-norm clipping."""
+  """AdamW with linear warmup then cosine decay, after global-norm clipping; with `optim.frozen`
+  the frozen parameters get zero updates (their Adam moments stay zero: their gradients are)."""
   o = cfg.optim
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=o.lr, warmup_steps=min(o.warmup_steps, cfg.train.steps),
@@ -39,6 +72,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransf
   tx = optax.chain(
       optax.clip_by_global_norm(o.grad_clip),
       optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+  if o.frozen:   # last in the chain: updates (weight decay included) of frozen parameters are zero
+    tx = optax.chain(tx, optax.masked(optax.set_to_zero(), lambda params: frozen_mask(cfg, params)))
   return tx, schedule
 
 

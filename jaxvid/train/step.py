@@ -60,8 +60,10 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     # Known parts of each clip (model.condition = "mask"): [B, T, H, W, 1], 1 = given clean.
     known_mask = None if masks is None else masks.sample(jax.random.fold_in(rng, 2), x0.shape[:4])
 
+    frozen = state_lib.frozen_mask(cfg, state.params)   # python bools: optim.frozen
+
     def loss_fn(params):
-      model = nnx.merge(graphdef, params)
+      model = nnx.merge(graphdef, state_lib.stop_frozen(frozen, params))
       text_emb, text_mask = model.encode_text(tokens)
       return flow_lib.loss(lambda x, t: model(x, t, text_emb, text_mask, known_mask), x0, rng_flow, flow,
                            known_mask)
@@ -70,7 +72,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     d = ema_decay(decay, state.step)
-    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
+    ema = state_lib.update_ema(state.ema, params, d, frozen)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
                "data/skipped": jnp.sum(batch["skipped"])}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics

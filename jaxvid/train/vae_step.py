@@ -26,6 +26,7 @@ import optax
 
 from jaxvid.models import autoencoder
 from jaxvid.models import vae as vae_lib
+from jaxvid.train import state as state_lib
 from jaxvid.train import step as step_lib
 from jaxvid.train import video_quality
 from jaxvid.train.state import TrainState
@@ -104,14 +105,16 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     x = autoencoder.normalize(batch["video"])
     adversarial = jnp.where(state.step >= weights.adversarial_start, weights.adversarial, 0.0)
 
+    frozen = state_lib.frozen_mask(cfg, state.params)   # python bools: optim.frozen
+
     def loss_fn(params):
-      return vae_loss(nnx.merge(graphdef, params), x, rng, weights, adversarial)
+      return vae_loss(nnx.merge(graphdef, state_lib.stop_frozen(frozen, params)), x, rng, weights, adversarial)
 
     (_, (loss, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     d = step_lib.ema_decay(decay, state.step)
-    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
+    ema = state_lib.update_ema(state.ema, params, d, frozen)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
                "data/skipped": jnp.sum(batch["skipped"])}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics

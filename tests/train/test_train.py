@@ -148,6 +148,29 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
   assert (workdir / "checkpoints" / "2").exists()
 
 
+def test_a_frozen_text_encoder_stays_put_while_the_transformer_trains():
+  """optim.frozen on the DiT (weight decay on): two steps leave every text-encoder parameter and
+  its EMA exactly as created and move the others."""
+  cfg = config.load(TINY, SMALL + ["--config.optim.frozen=^text_encoder/", "--config.optim.weight_decay=0.1",
+                                   "--config.optim.warmup_steps=0"])
+  t = compiled_train_step(cfg)
+  before = jax.tree.map(np.asarray, t.state.params)
+  state = t.state
+  for _ in range(2):
+    state, _ = t.step(state, next(t.loader), {})
+  flat = jax.tree_util.tree_flatten_with_path(before)[0]
+  frozen = 0
+  for (path, b), p, e in zip(flat, jax.tree.leaves(state.params), jax.tree.leaves(state.ema)):
+    name = state_lib.param_path(path)
+    if name.startswith("text_encoder/"):
+      frozen += 1
+      np.testing.assert_array_equal(np.asarray(p), b, err_msg=name)
+      np.testing.assert_array_equal(np.asarray(e), b, err_msg=name)
+    elif name.endswith("kernel"):
+      assert not np.array_equal(np.asarray(p), b), name
+  assert frozen > 4
+
+
 def test_flow_loss_decreases_when_overfitting_one_batch():
   cfg = config.load(TINY, SMALL + ["--config.optim.lr=3e-3", "--config.text.drop_rate=0.0",
                                    "--config.optim.warmup_steps=1", "--config.train.steps=40"])

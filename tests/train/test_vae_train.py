@@ -104,6 +104,37 @@ def test_a_vae_trained_on_images_starts_a_run_on_clips_inflated(tmp_path, capsys
   assert "trained on images only" in capsys.readouterr().err
 
 
+def test_frozen_parameters_keep_the_source_ema_while_the_rest_train(trained_vae, tmp_path, capsys):
+  """optim.frozen="^encoder/" from a trained run (weight decay on, so a frozen parameter would move
+  if it were updated at all): after two steps the encoder and its EMA are bit for bit the source's
+  EMA encoder, the decoder has moved, and the latent statistics are the source's. A pattern that
+  names nothing, or is not a regular expression, is a one-line error."""
+  frozen = ("--config.optim.frozen=^encoder/", "--config.optim.weight_decay=0.1", "--config.vae.eval_clips=0",
+            "--config.vae.stats_clips=16", "--config.checkpoint.every=2")
+  assert train_vae_small(tmp_path / "dec", "--config.train.steps=2", *frozen, "--init_from", str(trained_vae)) == 0
+  source, tuned = restore_run(trained_vae, 4), restore_run(tmp_path / "dec", 2)
+  moved = {}
+  for (path, e), p, got_p, got_e in zip(jax.tree_util.tree_flatten_with_path(source.ema)[0], jax.tree.leaves(source.params),
+                                        jax.tree.leaves(tuned.params), jax.tree.leaves(tuned.ema)):
+    name = state_lib.param_path(path)
+    if name.startswith("encoder/"):
+      np.testing.assert_array_equal(np.asarray(got_p), np.asarray(e), err_msg=name)
+      np.testing.assert_array_equal(np.asarray(got_e), np.asarray(e), err_msg=name)
+    else:
+      moved[name] = not np.array_equal(np.asarray(got_p), np.asarray(p))
+  assert moved and all(moved.values()), [k for k, v in moved.items() if not v]
+  stats = [json.loads((run / autoencoder.LATENT_STATS).read_text()) for run in (trained_vae, tmp_path / "dec")]
+  np.testing.assert_allclose(stats[1]["mean"], stats[0]["mean"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats[1]["std"], stats[0]["std"], rtol=1e-5, atol=1e-6)
+
+  capsys.readouterr()
+  assert train_vae_small(tmp_path / "none", "--config.train.steps=1", "--config.optim.frozen=^encoderz") == 2
+  assert "matches no parameter" in capsys.readouterr().err
+  assert train_vae_small(tmp_path / "bad", "--config.train.steps=1", "--config.optim.frozen=(") == 2
+  assert "not a regular expression" in capsys.readouterr().err
+  assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
 def _setup(*overrides):
   """State, compiled step and loader of VAE_SMALL on one device (compiles faster than 8)."""
   cfg = config.load(f"{VAE}:S", VAE_SMALL + list(overrides))
