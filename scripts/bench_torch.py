@@ -4,22 +4,27 @@
   python scripts/bench_torch.py                  # configs/bench_cpu.py, 5 timed steps each side
   python scripts/bench_torch.py --steps 10 --config.model.attention=blocked --config.model.remat=full
   python scripts/bench_torch.py --torch_only     # or --jax_only
+  python scripts/bench_torch.py --config configs/bench_gpu.py   # on a GPU: Wan-1.3B's shape, bf16
 
-The PyTorch model is built from the jaxvid config (default configs/bench_cpu.py: width 384 =
-6 heads of 64, MLP 1536, 8 layers, patch 1x2x2 over 4 latent channels, 32 text tokens of width
-64, batch 2 of 8x32x32 latents = 2,048 tokens a clip), in float32 with random weights (nothing
-is downloaded), on `os.cpu_count()` threads. It is timed on random inputs: the train step is
-forward + MSE loss against a random target + backward + AdamW step, the forward runs under
-`torch.no_grad()`; both are the median of `--steps` after 2 warm-up steps. The jaxvid side is
-`jaxvid.perf.bench.run` (what `jaxvid bench` prints) on the same config, in the same process,
-on the CPU devices `jaxvid bench` makes (one per core: distributed.cpu_devices; the batch is
-split over them as over any mesh), timed per step as jaxvid runs its steps: the config's
-train.steps_per_call train steps in one program (4 in configs/bench_cpu.py; each step the
-full forward, backward and AdamW update), the forward as 4 sampling steps of jaxvid's
-sampler loop; `--config.KEY=VALUE` overrides go to that config, and shape keys (model.*,
-text.width, text.max_len, video.*, train.batch_size) shape the PyTorch model too. The PyTorch
-side is always float32 eager, without gradient checkpointing, whatever model.dtype,
-model.remat and model.attention say.
+The PyTorch model is built from the jaxvid config (default configs/bench_cpu.py: width 384 = 6
+heads of 64, MLP 1536, 8 layers, patch 1x2x2 over 4 latent channels, 32 text tokens of width 64,
+batch 2 of 8x32x32 latents = 2,048 tokens a clip), with float32 random weights (nothing is
+downloaded), on the first CUDA GPU if torch sees one, else on `os.cpu_count()` threads. It is
+timed on random inputs: the train step is forward + MSE loss against a random target + backward
++ AdamW step, the forward runs under `torch.no_grad()`; both are the median of `--steps` after 2
+warm-up steps. The jaxvid side is `jaxvid.perf.bench.run` (what `jaxvid bench` prints) on the
+same config, in the same process, on the devices `jaxvid bench` uses (on a CPU one per core:
+distributed.cpu_devices; the batch is split over them as over any mesh), timed per step as
+jaxvid runs its steps: the config's train.steps_per_call train steps in one program (4 in
+configs/bench_cpu.py; each step the full forward, backward and AdamW update), the forward as 4
+sampling steps of jaxvid's sampler loop; `--config.KEY=VALUE` overrides go to that config, and
+shape keys (model.*, text.width, text.max_len, video.*, train.batch_size) shape the PyTorch
+model too. The PyTorch side is eager (no torch.compile), without gradient checkpointing,
+whatever model.remat and model.attention say; it computes in float32, or under
+torch.autocast(bfloat16) on a GPU when model.dtype=bfloat16 (its attention is then torch's
+scaled_dot_product_attention, which picks a flash kernel). PyTorch runs first and JAX after it
+in the same process, so the script sets XLA_PYTHON_CLIENT_PREALLOCATE=false (JAX would otherwise
+reserve 75% of the GPU when it starts).
 
 What differs between the two (all small next to the 8 blocks):
 - jaxvid's model includes its trainable text encoder (configs/bench_cpu.py: 1 layer of width
@@ -49,7 +54,8 @@ import sys
 import time
 from pathlib import Path
 
-import jax
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # before jax: the GPU is shared with torch
+import jax  # noqa: E402
 import ml_collections
 
 from jaxvid import config as config_lib
@@ -94,49 +100,63 @@ def wan_kwargs(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def run_torch(cfg: ml_collections.ConfigDict, steps: int, warmup: int = 2) -> dict:
-  """Builds the Wan transformer of `cfg`'s shape and times its train step and forward."""
+  """Builds the Wan transformer of `cfg`'s shape and times its train step and forward, on the
+  first CUDA GPU when torch sees one (else on the CPU's cores). Parameters and AdamW state are
+  float32; with model.dtype=bfloat16 on a GPU the steps run under torch.autocast(bfloat16), the
+  PyTorch form of jaxvid's float32 parameters with bfloat16 compute."""
   torch, diffusers = _import_torch()
+  cuda = torch.cuda.is_available()
+  device = torch.device("cuda" if cuda else "cpu")
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(cfg.seed)
   kwargs = wan_kwargs(cfg)
-  model = diffusers.WanTransformer3DModel(**kwargs)       # float32: torch's default dtype
+  model = diffusers.WanTransformer3DModel(**kwargs).to(device)     # float32: torch's default dtype
   assert all(p.dtype == torch.float32 for p in model.parameters())
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.b1, cfg.optim.b2),
                           weight_decay=cfg.optim.weight_decay)
+  bf16 = cuda and cfg.model.dtype == "bfloat16"
+  autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
 
   b, v = cfg.train.batch_size, cfg.video
-  x = torch.randn(b, v.channels, v.frames, v.height, v.width)          # [B, C, T, H, W]
-  t = torch.rand(b) * 1000.0                                            # Wan's timesteps are in [0, 1000)
-  context = torch.randn(b, cfg.text.max_len, cfg.text.width)            # precomputed text embeddings
+  x = torch.randn(b, v.channels, v.frames, v.height, v.width, device=device)    # [B, C, T, H, W]
+  t = torch.rand(b, device=device) * 1000.0                                     # Wan's timesteps are in [0, 1000)
+  context = torch.randn(b, cfg.text.max_len, cfg.text.width, device=device)     # precomputed text embeddings
   target = torch.randn_like(x)
 
   def train_step():
     opt.zero_grad(set_to_none=True)
-    out = model(x, t, context, return_dict=False)[0]
-    loss = torch.nn.functional.mse_loss(out, target)
+    with autocast():
+      out = model(x, t, context, return_dict=False)[0]
+      loss = torch.nn.functional.mse_loss(out.float(), target)
     loss.backward()
     opt.step()
-    return loss.item()
+    return loss.item()        # waits for the GPU
 
+  if cuda:
+    torch.cuda.reset_peak_memory_stats()
   train_times = bench.step_times(train_step, steps, warmup)
+  peak_memory = torch.cuda.max_memory_allocated() if cuda else None
 
   model.eval()
 
   def forward():
-    with torch.no_grad():
-      model(x, t, context, return_dict=False)[0].sum().item()
+    with torch.no_grad(), autocast():
+      model(x, t, context, return_dict=False)[0].float().sum().item()
 
   forward_times = bench.step_times(forward, steps, warmup)
   train_s = statistics.median(train_times)
   return {"train_step_s": train_s, "forward_s": statistics.median(forward_times),
-          "train_step_times": train_times, "forward_times": forward_times,   # the spread shows the noise
-          "tokens_per_s": b * config_lib.num_tokens(cfg) / train_s,
-          "params": sum(p.numel() for p in model.parameters()),
-          "threads": torch.get_num_threads(), "wan_kwargs": {k: list(v) if isinstance(v, tuple) else v
+            "train_step_times": train_times, "forward_times": forward_times,   # the spread shows the noise
+            "tokens_per_s": b * config_lib.num_tokens(cfg) / train_s,
+            "params": sum(p.numel() for p in model.parameters()),
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+            "compute_dtype": "bfloat16 (autocast)" if bf16 else "float32",
+            "peak_memory_bytes": peak_memory,
+            "threads": torch.get_num_threads(), "wan_kwargs": {k: list(v) if isinstance(v, tuple) else v
                                                              for k, v in kwargs.items()},
-          "optimizer": "torch.optim.AdamW (defaults: foreach/fused off on CPU)",
-          "torch": torch.__version__, "diffusers": diffusers.__version__}
+            "optimizer": f"torch.optim.AdamW (defaults: {'foreach' if cuda else 'foreach/fused off'} on {device.type})",
+            "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
 def run_jax(cfg: ml_collections.ConfigDict, steps: int) -> dict:
@@ -159,12 +179,14 @@ def table(torch_r: dict | None, jax_r: dict | None) -> str:
   sec = lambda r, k: f"{r[k]:.3f}" if k in r else "-"
   rate = lambda r, k: f"{r[k]:,.0f}" if k in r else "-"
   count = lambda r, k: f"{r[k]:,}" if k in r else "-"
+  gib = lambda r: f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "-"
   rows = [("train step s", sec(tr, "train_step_s"), sec(jr, "train_step_s"),
            _ratio(tr.get("train_step_s"), jr.get("train_step_s"))),
           ("forward s", sec(tr, "forward_s"), sec(jr, "forward_s"), _ratio(tr.get("forward_s"), jr.get("forward_s"))),
           # For a rate the same orientation is jaxvid / PyTorch: > 1 still means jaxvid is faster.
           ("tokens/s (train)", rate(tr, "tokens_per_s"), rate(jr, "tokens_per_s"),
            _ratio(jr.get("tokens_per_s"), tr.get("tokens_per_s"))),
+          ("peak memory GiB (device 0)", gib(tr), gib(jr), "-"),
           ("params", count(tr, "params"), count(jr, "params"), "-"),
           ("params (DiT, no text encoder)", count(tr, "params"), count(jr, "params_dit"), "-")]
   head = ("", "PyTorch", "jaxvid", "ratio")
@@ -215,6 +237,9 @@ def main() -> None:
   if not args.jax_only:
     print(f"PyTorch: timing {args.steps} train steps and forwards ...", file=sys.stderr, flush=True)
     torch_r = run_torch(cfg, args.steps)
+    torch, _ = _import_torch()
+    if torch.cuda.is_available():
+      torch.cuda.empty_cache()   # the model is gone: hand its cached blocks back before jaxvid allocates
     load["after_torch"] = _load()
   if not args.torch_only:
     print(f"jaxvid: compiling, then timing {args.steps} train steps and forwards ...", file=sys.stderr, flush=True)
