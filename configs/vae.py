@@ -36,21 +36,21 @@ VARIANTS = {
 }
 
 
-# Three stages of S (the same network). Images first: an image step skips the causal kernels'
-# zero past, and batches of 16 images run 18-21 steps/s on 2 CPU cores against 7-9 for 4 clips;
-# the spatial coding is most of what there is to learn. Then clips: `--init_from` the image run
+# Three stages of S (the same network). Images first: an image step skips the causal kernels' zero
+# past, and batches of 16 images run 18-21 steps/s on 2 CPU cores against 7-9 for 4 clips; the
+# spatial coding is most of what there is to learn. Then clips: `--init_from` the image run
 # inflates it to clips (`vae.inflate_from_images`), and the clip stage refines it at a lower
 # learning rate. Last the decoder alone (`optim.frozen`: the encoder, so the latents and their
 # statistics, stay as the clip stage left them) on `vae.clipped_range` (the loss on the
-# reconstruction clipped to the pixel range, as it is shown): 30.2 dB on 64 held-out clips in
-# 27.6 minutes (471 + 866 + 318 s, 2026-11-30 and 12-01; on the 32 eval clips 28.4 dB after the
-# clip stage, 30.7 after the decoder's), and the latent `tiny` on it keeps 100% color. Picked at equal time on 2-minute image runs: batch 16 at lr
-# 3e-3 26.4 dB, against 25.6 at 1e-3 and 24.7 for batch 4 at 1e-3. The clipped range trained
-# into the encoder as well (both first stages, clips at 5e-4) reached 29.1 dB, but the latent
-# `tiny` on that VAE lost motion (31% direction, chance 25%); on the decoder alone it cannot
-# touch the latents. From another clip stage (28.5 dB), 1,500 decoder steps gave 30.4 dB on the 32 eval
-# clips with the clipped range and 28.6 without it; training encoder and decoder together with
-# it, 30.3 at 8.3 steps/s against the decoder's 11.4.
+# reconstruction clipped to the pixel range, as it is shown): 30.2 dB on 64 held-out clips in 27.6
+# minutes (471 + 866 + 318 s, 2026-11-30 and 12-01; on the 32 eval clips 28.4 dB after the clip
+# stage, 30.7 after the decoder's), and the latent `tiny` on it keeps 100% color. Picked at equal
+# time on 2-minute image runs: batch 16 at lr 3e-3 26.4 dB, against 25.6 at 1e-3 and 24.7 for
+# batch 4 at 1e-3. The clipped range trained into the encoder as well (both first stages, clips at
+# 5e-4) reached 29.1 dB, but the latent `tiny` on that VAE lost motion (31% direction, chance
+# 25%); on the decoder alone it cannot touch the latents. From another clip stage (28.5 dB), 1,500
+# decoder steps gave 30.4 dB on the 32 eval clips with the clipped range and 28.6 without it;
+# training encoder and decoder together with it, 30.3 at 8.3 steps/s against the decoder's 11.4.
 #   jaxvid train --config configs/vae.py:S_images --workdir runs/vae_images
 #   jaxvid train --config configs/vae.py:S_from_images --workdir runs/vae_clips --init_from runs/vae_images
 #   jaxvid train --config configs/vae.py:S_decoder --workdir runs/vae --init_from runs/vae_clips

@@ -147,16 +147,16 @@ def run_torch(cfg: ml_collections.ConfigDict, steps: int, warmup: int = 2) -> di
   forward_times = bench.step_times(forward, steps, warmup)
   train_s = statistics.median(train_times)
   return {"train_step_s": train_s, "forward_s": statistics.median(forward_times),
-            "train_step_times": train_times, "forward_times": forward_times,   # the spread shows the noise
-            "tokens_per_s": b * config_lib.num_tokens(cfg) / train_s,
-            "params": sum(p.numel() for p in model.parameters()),
-            "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-            "compute_dtype": "bfloat16 (autocast)" if bf16 else "float32",
-            "peak_memory_bytes": peak_memory,
-            "threads": torch.get_num_threads(), "wan_kwargs": {k: list(v) if isinstance(v, tuple) else v
-                                                             for k, v in kwargs.items()},
-            "optimizer": f"torch.optim.AdamW (defaults: {'foreach' if cuda else 'foreach/fused off'} on {device.type})",
-            "torch": torch.__version__, "diffusers": diffusers.__version__}
+          "train_step_times": train_times, "forward_times": forward_times,   # the spread shows the noise
+          "tokens_per_s": b * config_lib.num_tokens(cfg) / train_s,
+          "params": sum(p.numel() for p in model.parameters()),
+          "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+          "compute_dtype": "bfloat16 (autocast)" if bf16 else "float32",
+          "peak_memory_bytes": peak_memory,
+          "threads": torch.get_num_threads(), "wan_kwargs": {k: list(v) if isinstance(v, tuple) else v
+                                                           for k, v in kwargs.items()},
+          "optimizer": f"torch.optim.AdamW (defaults: {'foreach' if cuda else 'foreach/fused off'} on {device.type})",
+          "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
 def run_jax(cfg: ml_collections.ConfigDict, steps: int) -> dict:
