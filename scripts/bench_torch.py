@@ -24,7 +24,11 @@ whatever model.remat and model.attention say; it computes in float32, or under
 torch.autocast(bfloat16) on a GPU when model.dtype=bfloat16 (its attention is then torch's
 scaled_dot_product_attention, which picks a flash kernel). PyTorch runs first and JAX after it
 in the same process, so the script sets XLA_PYTHON_CLIENT_PREALLOCATE=false (JAX would otherwise
-reserve 75% of the GPU when it starts).
+reserve 75% of the GPU when it starts). Each side also times its own library's square matmul in
+the compute dtype (PyTorch's torch.matmul; jaxvid's `jaxvid.perf.bench.peak_matmul_flops`), the
+ceiling its steps run under: CPUs differ in which library is faster (one 2-core Xeon with
+AVX-512 and AMX: PyTorch's float32 GEMM 1.16x XLA's, on one core 182 against 157 GFLOP/s), and
+the "peak matmul" row and the JSON's machine.cpu_flags show that beside the step times.
 
 What differs between the two (all small next to the 8 blocks):
 - jaxvid's model includes its trainable text encoder (configs/bench_cpu.py: 1 layer of width
@@ -146,17 +150,33 @@ def run_torch(cfg: ml_collections.ConfigDict, steps: int, warmup: int = 2) -> di
 
   forward_times = bench.step_times(forward, steps, warmup)
   train_s = statistics.median(train_times)
+  peak = peak_matmul_flops(torch, device, torch.bfloat16 if bf16 else torch.float32)
   return {"train_step_s": train_s, "forward_s": statistics.median(forward_times),
           "train_step_times": train_times, "forward_times": forward_times,   # the spread shows the noise
           "tokens_per_s": b * config_lib.num_tokens(cfg) / train_s,
           "params": sum(p.numel() for p in model.parameters()),
           "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-          "compute_dtype": "bfloat16 (autocast)" if bf16 else "float32",
+          "compute_dtype": "bfloat16 (autocast)" if bf16 else "float32", "peak_flops": peak,
           "peak_memory_bytes": peak_memory,
           "threads": torch.get_num_threads(), "wan_kwargs": {k: list(v) if isinstance(v, tuple) else v
                                                            for k, v in kwargs.items()},
           "optimizer": f"torch.optim.AdamW (defaults: {'foreach' if cuda else 'foreach/fused off'} on {device.type})",
           "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def peak_matmul_flops(torch, device, dtype, steps: int = 5) -> float:
+  """FLOP/s of one square matmul in `dtype` on `device` (all its threads on a CPU), median of
+  `steps` after 2 warm-up ones: PyTorch's own GEMM (MKL/oneDNN on a CPU, cuBLAS on a GPU) at the
+  size `jaxvid.perf.bench.peak_matmul_flops` times XLA's (2048 on a CPU, 8192 on a GPU)."""
+  size = 8192 if device.type == "cuda" else 2048
+  a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+
+  def matmul():
+    torch.matmul(a, b)
+    if device.type == "cuda":
+      torch.cuda.synchronize()
+
+  return 2.0 * size ** 3 / statistics.median(bench.step_times(matmul, steps, warmup=2))
 
 
 def run_jax(cfg: ml_collections.ConfigDict, steps: int) -> dict:
@@ -179,6 +199,7 @@ def table(torch_r: dict | None, jax_r: dict | None) -> str:
   sec = lambda r, k: f"{r[k]:.3f}" if k in r else "-"
   rate = lambda r, k: f"{r[k]:,.0f}" if k in r else "-"
   count = lambda r, k: f"{r[k]:,}" if k in r else "-"
+  gflops = lambda r: f"{r['peak_flops'] / 1e9:,.0f}" if r.get("peak_flops") else "-"
   gib = lambda r: f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "-"
   rows = [("train step s", sec(tr, "train_step_s"), sec(jr, "train_step_s"),
            _ratio(tr.get("train_step_s"), jr.get("train_step_s"))),
@@ -186,6 +207,8 @@ def table(torch_r: dict | None, jax_r: dict | None) -> str:
           # For a rate the same orientation is jaxvid / PyTorch: > 1 still means jaxvid is faster.
           ("tokens/s (train)", rate(tr, "tokens_per_s"), rate(jr, "tokens_per_s"),
            _ratio(jr.get("tokens_per_s"), tr.get("tokens_per_s"))),
+          # The libraries' matmul speed on this machine, which bounds both steps.
+          ("peak matmul GFLOP/s", gflops(tr), gflops(jr), _ratio(jr.get("peak_flops"), tr.get("peak_flops"))),
           ("peak memory GiB (device 0)", gib(tr), gib(jr), "-"),
           ("params", count(tr, "params"), count(jr, "params"), "-"),
           ("params (DiT, no text encoder)", count(tr, "params"), count(jr, "params_dit"), "-")]
@@ -195,14 +218,19 @@ def table(torch_r: dict | None, jax_r: dict | None) -> str:
   return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows])
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str:
+  """The first `field` line's value in /proc/cpuinfo ("" where there is none)."""
   try:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
+      if line.startswith(field):
         return line.split(":", 1)[1].strip()
   except OSError:
     pass
   return ""
+
+
+# The CPU features the matmul libraries pick their kernels by.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
 def main() -> None:
@@ -264,7 +292,8 @@ def main() -> None:
       "torch": torch_r, "jax": jax_r, "ratio_torch_over_jax": ratios,
       "versions": {"torch": torch_r and torch_r["torch"], "diffusers": torch_r and torch_r["diffusers"],
                    "jax": jax.__version__, "numpy": np.__version__, "python": platform.python_version()},
-      "machine": {"processor": platform.processor(), "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+      "machine": {"processor": platform.processor(), "cpu_model": _cpuinfo("model name"),
+                  "cpu_flags": [f for f in CPU_FLAGS if f in _cpuinfo("flags").split()], "cpu_count": os.cpu_count(),
                   "node": platform.node()},
       "load_average": load, "time": time.time(),
   }, sort_keys=True, default=str))
