@@ -165,18 +165,24 @@ def run_torch(cfg: ml_collections.ConfigDict, steps: int, warmup: int = 2) -> di
 
 
 def peak_matmul_flops(torch, device, dtype, steps: int = 5) -> float:
-  """FLOP/s of one square matmul in `dtype` on `device` (all its threads on a CPU), median of
-  `steps` after 2 warm-up ones: PyTorch's own GEMM (MKL/oneDNN on a CPU, cuBLAS on a GPU) at the
-  size `jaxvid.perf.bench.peak_matmul_flops` times XLA's (2048 on a CPU, 8192 on a GPU)."""
-  size = 8192 if device.type == "cuda" else 2048
+  """FLOP/s of PyTorch's own GEMM (MKL/oneDNN on a CPU, cuBLAS on a GPU): square matmuls in
+  `dtype` on `device`, 2048^3 one at a time on all the CPU's threads, or 8192^3 ten in a row
+  on the GPU before one synchronize (so launches do not count); median of `steps` after 2
+  warm-up ones. jaxvid's figure (`jaxvid.perf.bench.peak_matmul_flops`) is one matmul on
+  each of its devices at once, summed: on a CPU 2048^3 for up to 3 devices (smaller for more),
+  on GPUs 8192^3 each, ten in one program. float32 on a GPU: PyTorch's matmul is full float32
+  by default where XLA's may use TF32."""
+  cuda = device.type == "cuda"
+  size, reps = (8192, 10) if cuda else (2048, 1)
   a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
 
-  def matmul():
-    torch.matmul(a, b)
-    if device.type == "cuda":
+  def matmuls():
+    for _ in range(reps):
+      torch.matmul(a, b)
+    if cuda:
       torch.cuda.synchronize()
 
-  return 2.0 * size ** 3 / statistics.median(bench.step_times(matmul, steps, warmup=2))
+  return 2.0 * size ** 3 * reps / statistics.median(bench.step_times(matmuls, steps, warmup=2))
 
 
 def run_jax(cfg: ml_collections.ConfigDict, steps: int) -> dict:
@@ -208,7 +214,8 @@ def table(torch_r: dict | None, jax_r: dict | None) -> str:
           ("tokens/s (train)", rate(tr, "tokens_per_s"), rate(jr, "tokens_per_s"),
            _ratio(jr.get("tokens_per_s"), tr.get("tokens_per_s"))),
           # The libraries' matmul speed on this machine, which bounds both steps.
-          ("peak matmul GFLOP/s", gflops(tr), gflops(jr), _ratio(jr.get("peak_flops"), tr.get("peak_flops"))),
+          ("peak matmul GFLOP/s", gflops(tr), gflops(jr),
+           _ratio(jr.get("peak_flops"), tr.get("peak_flops")) if _same_dtype(tr, jr) else "-"),
           ("peak memory GiB (device 0)", gib(tr), gib(jr), "-"),
           ("params", count(tr, "params"), count(jr, "params"), "-"),
           ("params (DiT, no text encoder)", count(tr, "params"), count(jr, "params_dit"), "-")]
@@ -216,6 +223,11 @@ def table(torch_r: dict | None, jax_r: dict | None) -> str:
   widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
   fmt = lambda r: f"{r[0]:<{widths[0]}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(r[1:], widths[1:]))
   return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows])
+
+
+def _same_dtype(torch_r: dict, jax_r: dict) -> bool:
+  """Whether the two sides compute in the same dtype (on a CPU PyTorch stays in float32)."""
+  return torch_r.get("compute_dtype", "").split()[0:1] == [jax_r.get("config", {}).get("dtype")]
 
 
 def _cpuinfo(field: str) -> str:
@@ -229,8 +241,8 @@ def _cpuinfo(field: str) -> str:
   return ""
 
 
-# The CPU features the matmul libraries pick their kernels by.
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+# The CPU features the matmul libraries pick their kernels by (x86, then ARM).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve", "bf16", "i8mm")
 
 
 def main() -> None:
@@ -277,13 +289,18 @@ def main() -> None:
   print(f"\n{spec} {' '.join(overrides)}: batch {b} x {config_lib.num_tokens(cfg):,} tokens, "
         f"{flops.forward / 1e9:.1f} GFLOP forward (text encoder {flops.text / 1e6:.1f} MFLOP)")
   print(table(torch_r, jax_r))
-  print("ratio = PyTorch time / jaxvid time (> 1: jaxvid faster); load average (1, 5, 15 min): "
+  print("ratio = PyTorch time / jaxvid time (rates: jaxvid / PyTorch; > 1: jaxvid faster); "
+        "load average (1, 5, 15 min): "
         + ", ".join(f"{k} {v}" for k, v in load.items()))
   ratios = {}
   if torch_r and jax_r:
     ratios = {"train_step": torch_r["train_step_s"] / jax_r["train_step_s"],
-              "forward": torch_r["forward_s"] / jax_r["forward_s"]}
+              "forward": torch_r["forward_s"] / jax_r["forward_s"],
+              # A rate: jaxvid's over PyTorch's (> 1: jaxvid's matmuls faster); None across dtypes.
+              "peak_matmul_jax_over_torch": (jax_r["peak_flops"] / torch_r["peak_flops"]
+                                             if _same_dtype(torch_r, jax_r) else None)}
   import numpy as np
+  cpu_flags = (_cpuinfo("flags") or _cpuinfo("Features")).split()    # x86 / ARM
   print(json.dumps({
       "config": spec, "overrides": overrides, "steps": args.steps, "warmup": 2,
       "batch": b, "tokens_per_clip": config_lib.num_tokens(cfg),
@@ -293,7 +310,7 @@ def main() -> None:
       "versions": {"torch": torch_r and torch_r["torch"], "diffusers": torch_r and torch_r["diffusers"],
                    "jax": jax.__version__, "numpy": np.__version__, "python": platform.python_version()},
       "machine": {"processor": platform.processor(), "cpu_model": _cpuinfo("model name"),
-                  "cpu_flags": [f for f in CPU_FLAGS if f in _cpuinfo("flags").split()], "cpu_count": os.cpu_count(),
+                  "cpu_flags": [f for f in CPU_FLAGS if f in cpu_flags], "cpu_count": os.cpu_count(),
                   "node": platform.node()},
       "load_average": load, "time": time.time(),
   }, sort_keys=True, default=str))
