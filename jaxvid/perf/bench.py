@@ -32,6 +32,7 @@ from jaxvid.data import pipeline
 from jaxvid.diffusion import samplers
 from jaxvid.errors import UserError
 from jaxvid.models import autoencoder
+from jaxvid.models import layers
 from jaxvid.models import text
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
@@ -77,7 +78,9 @@ def _per_step(fn, per_call: int, steps: int, warmup: int) -> float:
 def peak_matmul_flops(dtype, size: int | None = None, steps: int = 5) -> float:
   """FLOP/s of square matmuls in `dtype`, one on each of this process's devices at the same time,
   summed; median of `steps`. Simulated CPU devices share the host's cores, so on a CPU this is
-  the host's throughput whatever the device count; on accelerators, one device's times their count."""
+  the host's throughput whatever the device count; on accelerators, one device's times their count.
+  The product is the one the model's dense layers run (`layers.dot_general`: on CPU, low-precision
+  inputs accumulate into float32)."""
   devices = jax.local_devices()
   # On a CPU 2048^3 per device, 1024^3 from 4 devices (they share the cores); else 8192^3 a device.
   size = size or (2048 // round(len(devices) ** (1 / 3)) if jax.default_backend() == "cpu" else 8192)
@@ -87,7 +90,8 @@ def peak_matmul_flops(dtype, size: int | None = None, steps: int = 5) -> float:
   a, b = make(jax.random.key(0)), make(jax.random.key(1))
   # Several products in one program, so dispatch overhead does not count on fast devices.
   reps = 1 if jax.default_backend() == "cpu" else 10
-  mm = jax.jit(lambda a, b: jax.lax.fori_loop(0, reps, lambda i, c: jnp.einsum("nij,njk->nik", c, b) * 0.5, a),
+  batched = (((2,), (1,)), ((0,), (0,)))                                     # "nij,njk->nik"
+  mm = jax.jit(lambda a, b: jax.lax.fori_loop(0, reps, lambda i, c: layers.dot_general(c, b, batched) * 0.5, a),
                out_shardings=sharded)
   seconds = _median_time(lambda: mm(a, b).block_until_ready(), steps, warmup=2)
   return 2.0 * size ** 3 * reps * len(devices) / seconds
