@@ -4,6 +4,7 @@ Parameters are stored in `param_dtype` and used in `dtype` (the compute dtype); 
 softmax run in float32 whatever the compute dtype.
 """
 
+import functools
 import math
 
 import jax
@@ -17,17 +18,47 @@ Dtype = jnp.dtype
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
   """`jax.lax.dot_general` (the matmul of `dense`), which on CPU accumulates low-precision
-  inputs into a float32 result and then casts it to the inputs' dtype. XLA:CPU runs bfloat16 x
-  bfloat16 -> float32 on its fast kernels (AMX or AVX512-BF16 where the CPU has them) but
-  bfloat16 -> bfloat16 on a slow path: on a Xeon with AMX, one core, 2048^3, 600 against 118
-  GFLOP/s; the bench_cpu model's bfloat16 forward 1.10 -> 0.64 s, train step 4.01 -> 3.49 s.
-  Same dtypes in and out as plain dot_general; float32 inputs and other platforms unchanged."""
+  inputs into a float32 result and then casts it to the inputs' dtype, in the backward too.
+  XLA:CPU runs bfloat16 x bfloat16 -> float32 on its fast kernels (AMX or AVX512-BF16 where the
+  CPU has them) but bfloat16 -> bfloat16 on a slow path: on a Xeon with AMX, one core, 2048^3,
+  600 against 118 GFLOP/s. Same dtypes in and out as plain dot_general; float32 inputs and
+  other platforms unchanged."""
   out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
   if jax.default_backend() != "cpu" or out_dtype == jnp.float32:
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
-  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                             preferred_element_type=jnp.float32, **kwargs).astype(out_dtype)
+  if (rhs.ndim == 2 and lhs.dtype == rhs.dtype and kwargs.get("out_sharding") is None
+      and dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))):
+    return _matmul(lhs, rhs, precision, out_dtype)                 # a dense layer's x @ W
+  return _acc32(lhs, rhs, dimension_numbers, precision, out_dtype, **kwargs)
+
+
+def _acc32(lhs, rhs, dims, precision, out_dtype, **kwargs):
+  return jax.lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=jnp.float32,
+                             **kwargs).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x, w, precision, out_dtype):
+  """x [..., K] @ w [K, N] -> [..., N] in out_dtype, accumulated in float32; so are the two
+  products of the backward (autodiff of `_acc32` would run them on float32 x float32 inputs)."""
+  return _acc32(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision, out_dtype)
+
+
+def _matmul_fwd(x, w, precision, out_dtype):
+  return _matmul(x, w, precision, out_dtype), (x, w)
+
+
+def _matmul_bwd(precision, out_dtype, res, g):
+  x, w = res
+  g = g.astype(x.dtype)
+  lead = tuple(range(x.ndim - 1))
+  dx = _acc32(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision, x.dtype)        # g [..., N] w^T -> [..., K]
+  dw = _acc32(x, g, ((lead, lead), ((), ())), precision, w.dtype)                 # x^T g -> [K, N]
+  return dx, dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def dense(din: int, dout: int, axes: tuple, *, dtype, param_dtype, rngs: nnx.Rngs,

@@ -14,10 +14,11 @@ def _dense(dtype):
   return layers.dense(64, 32, ("embed", "mlp"), dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
 
 
-def _dot_result_types(fn, *args) -> list[str]:
-  """Element types of the dot_general results in fn's lowered StableHLO."""
+def _dot_types(fn, *args) -> list[tuple[str, str, str]]:
+  """(lhs, rhs, result) element types of each dot_general in fn's lowered StableHLO."""
   text = jax.jit(fn).lower(*args).as_text()
-  return re.findall(r"stablehlo\.dot_general.*-> tensor<[\dx]*x(\w+)>", text)
+  t = r"tensor<[\dx]*x(\w+)>"
+  return re.findall(rf"stablehlo\.dot_general.*\({t}, {t}\) -> {t}", text)
 
 
 def test_bfloat16_dense_accumulates_in_float32_and_returns_bfloat16():
@@ -25,21 +26,39 @@ def test_bfloat16_dense_accumulates_in_float32_and_returns_bfloat16():
   x = jax.random.normal(jax.random.key(1), (4, 10, 64))
   y = layer(x)
   assert y.dtype == jnp.bfloat16 and y.shape == (4, 10, 32)
-  assert _dot_result_types(lambda x: layer(x), x) == ["f32"]
+  assert _dot_types(lambda x: layer(x), x) == [("bf16", "bf16", "f32")]
   # Against the float32 product of the bfloat16-rounded operands: one bfloat16 rounding apart.
   xb = x.astype(jnp.bfloat16).astype(jnp.float32)
   kb = layer.kernel[...].astype(jnp.bfloat16).astype(jnp.float32)
   want = xb @ kb + layer.bias[...]
   np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=1e-2, atol=1e-2)
-  # Gradients flow back in the parameters' and inputs' dtypes.
-  grads = jax.grad(lambda x: layer(x).astype(jnp.float32).sum())(x)
-  assert grads.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(grads)))
+
+
+def test_bfloat16_dense_backward_accumulates_in_float32():
+  layer = _dense(jnp.bfloat16)
+  graphdef, params = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(1), (4, 10, 64))
+  w = jax.random.normal(jax.random.key(2), (4, 10, 32))
+
+  def loss(params, x):
+    return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32) * w)
+
+  grad = jax.grad(loss, argnums=(0, 1))
+  assert _dot_types(grad, params, x) == [("bf16", "bf16", "f32")] * 2    # both products of the backward
+  dparams, dx = grad(params, x)
+  assert dx.dtype == jnp.float32 and dparams["kernel"][...].dtype == jnp.float32
+  # Against float32 autodiff of the bfloat16-rounded operands.
+  round_ = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
+  kernel, bias = round_(layer.kernel[...]), layer.bias[...]
+  want_dx, want_dk = jax.grad(lambda x, k: jnp.sum((x @ k + bias) * round_(w)), argnums=(0, 1))(round_(x), kernel)
+  np.testing.assert_allclose(dx, want_dx, rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(dparams["kernel"][...], want_dk, rtol=2e-2, atol=5e-2)
 
 
 def test_float32_dense_is_a_plain_float32_matmul():
   layer = _dense(jnp.float32)
   x = jax.random.normal(jax.random.key(1), (4, 10, 64))
-  assert _dot_result_types(lambda x: layer(x), x) == ["f32"]
+  assert _dot_types(lambda x: layer(x), x) == [("f32", "f32", "f32")]
   text = jax.jit(lambda x: layer(x)).lower(x).as_text()
   assert "convert" not in text
   np.testing.assert_allclose(layer(x), x @ layer.kernel[...] + layer.bias[...], rtol=1e-5, atol=1e-5)
