@@ -28,10 +28,12 @@ from jaxvid import config as config_lib
 from jaxvid.models import attention, layers, rope, text
 from jaxvid.parallel import sharding as sh
 
+_policies = jax.checkpoint_policies
+_dense = _policies.save_only_these_names(layers.DENSE)   # dense products that are custom VJPs (CPU bf16)
 REMAT = {
     "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _dense),
+    "dots_no_batch": _policies.save_from_both_policies(_policies.dots_with_no_batch_dims_saveable, _dense),
 }
 
 

@@ -10,10 +10,13 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxvid.parallel import sharding as sh
 
 Dtype = jnp.dtype
+# The name of a dense layer's product on CPU in low precision (see `dot_general`).
+DENSE = "dense"
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
@@ -21,15 +24,17 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   inputs into a float32 result and then casts it to the inputs' dtype, in the backward too.
   XLA:CPU runs bfloat16 x bfloat16 -> float32 on its fast kernels (AMX or AVX512-BF16 where the
   CPU has them) but bfloat16 -> bfloat16 on a slow path: on a Xeon with AMX, one core, 2048^3,
-  600 against 118 GFLOP/s. Same dtypes in and out as plain dot_general; float32 inputs and
-  other platforms unchanged."""
-  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
-  if jax.default_backend() != "cpu" or out_dtype == jnp.float32:
+  600 against 118 GFLOP/s. Same dtypes in and out as plain dot_general; other dtypes and
+  platforms unchanged. A dense layer's product there is a custom VJP named DENSE (the remat
+  policies of models/dit.py save it as they save dots); it has no forward-mode derivative (jvp).
+  The platform is the default backend's when traced, as in models/attention.py."""
+  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
+  if jax.default_backend() != "cpu" or out_dtype not in (jnp.bfloat16, jnp.float16):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
   if (rhs.ndim == 2 and lhs.dtype == rhs.dtype and kwargs.get("out_sharding") is None
       and dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))):
-    return _matmul(lhs, rhs, precision, out_dtype)                 # a dense layer's x @ W
+    return checkpoint_name(_matmul(lhs, rhs, precision, out_dtype), DENSE)    # a dense layer's x @ W
   return _acc32(lhs, rhs, dimension_numbers, precision, out_dtype, **kwargs)
 
 

@@ -62,3 +62,29 @@ def test_float32_dense_is_a_plain_float32_matmul():
   text = jax.jit(lambda x: layer(x)).lower(x).as_text()
   assert "convert" not in text
   np.testing.assert_allclose(layer(x), x @ layer.kernel[...] + layer.bias[...], rtol=1e-5, atol=1e-5)
+
+
+def test_other_platforms_and_dtypes_keep_plain_matmuls(monkeypatch):
+  x = jnp.ones((4, 64), jnp.bfloat16)
+  w = jnp.ones((64, 32), jnp.bfloat16)
+  dims = (((1,), (0,)), ((), ()))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert _dot_types(lambda x, w: layers.dot_general(x, w, dims), x, w) == [("bf16", "bf16", "bf16")]
+  monkeypatch.undo()
+  big = jnp.full((1, 1), 2**30 + 1, jnp.int32)                   # not rounded through float32
+  assert int(layers.dot_general(big, jnp.ones((1, 1), jnp.int32), dims)[0, 0]) == 2**30 + 1
+
+
+def test_dots_remat_policy_saves_the_bfloat16_dense_product(capsys):
+  from jaxvid.models import dit
+  layer = _dense(jnp.bfloat16)
+  graphdef, params = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(1), (4, 10, 64))
+
+  def loss(params, x):
+    y = nnx.merge(graphdef, params)(x)
+    return jnp.sum(jnp.tanh(y.astype(jnp.float32)))
+
+  jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=dit.REMAT["dots"]), params, x)
+  saved = capsys.readouterr().out
+  assert re.search(r"bf16\[4,10,32\].*'dense'", saved), saved
