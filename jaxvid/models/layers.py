@@ -32,7 +32,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   if jax.default_backend() != "cpu" or out_dtype not in (jnp.bfloat16, jnp.float16):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
-  if (rhs.ndim == 2 and lhs.dtype == rhs.dtype and kwargs.get("out_sharding") is None
+  if (rhs.ndim == 2 and lhs.dtype == rhs.dtype and all(v is None for v in kwargs.values())   # e.g. out_sharding
       and dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))):
     return checkpoint_name(_matmul(lhs, rhs, precision, out_dtype), DENSE)    # a dense layer's x @ W
   return _acc32(lhs, rhs, dimension_numbers, precision, out_dtype, **kwargs)
