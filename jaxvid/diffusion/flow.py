@@ -13,6 +13,7 @@ import ml_collections
 
 from jaxvid import config as config_lib
 from jaxvid.diffusion import conditioning
+from jaxvid.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +83,8 @@ def loss(velocity_fn, x0: jax.Array, rng: jax.Array, flow: Flow, known_mask: jax
   noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
   x_t = interpolate(x0, noise, t)
   if known_mask is None:
-    return jnp.mean(jnp.square(velocity_fn(x_t, t).astype(jnp.float32) - (noise - x0)))
+    return layers.mean(jnp.square(velocity_fn(x_t, t).astype(jnp.float32) - (noise - x0)))
   v = velocity_fn(conditioning.apply(x_t, x0, known_mask), t)
   weight = 1.0 - known_mask
-  error = jnp.sum(weight * jnp.square(v.astype(jnp.float32) - (noise - x0)))
+  error = layers.mean(weight * jnp.square(v.astype(jnp.float32) - (noise - x0))) * x0.size
   return error / jnp.maximum(jnp.sum(weight) * x0.shape[-1], 1.0)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxvid.models import layers
 from jaxvid.parallel import sharding as sh
 
 LOGVAR_INIT = -6.0   # the posterior's initial log-variance (standard deviation 0.05)
@@ -505,7 +506,7 @@ def split_moments(moments: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
   """KL(N(mean, exp(logvar)) || N(0, 1)) per latent element, averaged: a scalar."""
-  return 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+  return 0.5 * layers.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
 
 
 def latent_shape(vae_cfg: ml_collections.ConfigDict, frames: int, height: int, width: int) -> tuple[int, ...]:

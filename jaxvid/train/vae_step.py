@@ -25,6 +25,7 @@ import ml_collections
 import optax
 
 from jaxvid.models import autoencoder
+from jaxvid.models import layers
 from jaxvid.models import vae as vae_lib
 from jaxvid.train import state as state_lib
 from jaxvid.train import step as step_lib
@@ -70,7 +71,7 @@ def vae_loss(model: vae_lib.VAE, x: jax.Array, rng: jax.Array, w: LossWeights, a
   The objective adds the discriminator's loss to the VAE's; gradients keep them apart."""
   recon, mean, logvar = model(x, rng)
   err = pixel_error(recon, x) if w.clipped_range else recon - x
-  l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
+  l1, mse = layers.mean(jnp.abs(err)), layers.mean(jnp.square(err))
   kl = vae_lib.kl_divergence(mean, logvar)
   loss = w.l1 * l1 + w.mse * mse + w.kl * kl
   terms = {"recon/l1": l1, "recon/mse": mse, "recon/psnr": psnr_of_mse(mse), "kl": kl,
