@@ -31,6 +31,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
+# XLA:CPU's options as jaxvid's commands set them (distributed.XLA_CPU_FLAGS), for every test:
+# a command run in-process sets them only if it is the first to start JAX, so without this what
+# a test measures (XLA's cost analysis, say) would depend on which test ran first.
+from jaxvid.parallel import distributed  # noqa: E402  (imports JAX: after the environment above)
+
+distributed.set_xla_cpu_flags()
+
 import pytest  # noqa: E402
 
 

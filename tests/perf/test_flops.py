@@ -30,8 +30,9 @@ def _xla_flops(cfg, batch, train):
 
 
 # XLA counts a loop body once, so depth 1 (and unlooped attention) puts every FLOP in view. Its count also holds the
-# elementwise work (norms, softmax, RoPE, GELU) that the analytic matmul count leaves out:
-# measured 2-4 % on these shapes, so the analytic count must sit within [0.90, 1.0] of XLA's.
+# elementwise work (norms, softmax, RoPE, GELU) that the analytic matmul count leaves out: 4-10 % of it on these
+# small shapes under jaxvid's XLA:CPU flags (0.898-0.963; 2-4 % with YNNPACK's reductions on, which XLA does not
+# count), so the analytic count must sit within [0.85, 1.0] of XLA's.
 @pytest.mark.parametrize("overrides", [
     [],
     ["--config.model.width=64", "--config.model.heads=2", "--config.model.mlp_dim=256", "--config.video.frames=8"],
@@ -44,7 +45,7 @@ def test_analytic_flops_match_xla_cost_analysis(overrides, train):
                                    "--config.model.attention=xla", *overrides])
   analytic = flops.count(cfg, batch=2)
   ratio = (analytic.train if train else analytic.forward) / _xla_flops(cfg, 2, train)
-  assert 0.90 <= ratio <= 1.0, ratio
+  assert 0.85 <= ratio <= 1.0, ratio
 
 
 def test_flops_scale_with_depth_and_tokens():
