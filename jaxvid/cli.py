@@ -1,6 +1,7 @@
 """The `jaxvid` command: parse, build the config, call train or sample.
 
-Exit status: 0 done, 2 bad input (one line naming the problem and the fix), 1 anything else.
+Exit status: 0 done, 2 bad input (one line naming the problem and the fix), 1 anything else
+(also `jaxvid bench --baseline` finding a regression).
 A job that seems stuck (a collective waiting for a process that died, a loader that stopped):
 `kill -USR1 PID` prints every thread's Python stack to its stderr and the job goes on.
 """
@@ -21,7 +22,7 @@ jaxvid train  --config PATH[:ARG] --workdir DIR [--config.KEY=VALUE ...]
 jaxvid sample --workdir DIR (--prompt TEXT | --prompts FILE) --output DIR [--config.KEY=VALUE ...] [--step N] [--strict]
 jaxvid encode --config PATH[:ARG] --manifest FILE --output STORE [--config.KEY=VALUE ...]
 jaxvid export --workdir DIR --output PATH [--step N]
-jaxvid bench  --config PATH[:ARG] [--steps N] [--profile DIR] [--config.KEY=VALUE ...]"""
+jaxvid bench  --config PATH[:ARG] [--steps N] [--profile DIR] [--baseline FILE [--tolerance F]] [--config.KEY=VALUE ...]"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
                       "(of 4 sampling steps for the forward); the median per step is reported")
   b.add_argument("--profile", default=None, metavar="DIR",
                  help="also trace one train call and one forward call into DIR and print where their time went")
+  b.add_argument("--baseline", default=None, metavar="FILE",
+                 help="an earlier run's output (its JSON line): print the changes, exit 1 if a step time, "
+                      "compile time or the peak memory grew by more than --tolerance")
+  b.add_argument("--tolerance", type=float, default=0.1,
+                 help="the growth --baseline allows, a fraction (default 0.1: 10%%)")
 
   for command in (t, s, c, e, b):
     command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -98,7 +104,7 @@ def _setup_logging(verbose: bool) -> None:
       logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run(argv: list[str]) -> None:
+def run(argv: list[str]) -> int | None:
   args, rest = _parser().parse_known_args(argv)
   overrides = [a for a in rest if a.startswith("--config.")]
   unknown = [a for a in rest if not a.startswith("--config.")]
@@ -138,9 +144,11 @@ def run(argv: list[str]) -> None:
     from jaxvid.perf import bench
     if args.steps < 1:
       raise UserError("--steps must be at least 1")
+    if not args.tolerance >= 0:
+      raise UserError(f"--tolerance must be a fraction >= 0 (0.1: 10%), got {args.tolerance}")
     cfg = config_lib.load(args.config, overrides)
     distributed.initialize(cfg, batch=cfg.train.batch_size)
-    bench.main(cfg, args.steps, args.profile)
+    return bench.main(cfg, args.steps, args.profile, args.baseline, args.tolerance)
   elif args.command == "export":
     if overrides:
       raise UserError("jaxvid export takes no --config overrides")
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
   verbose = "--verbose" in argv
   _register_stack_dump()
   try:
-    run(argv)
+    status = run(argv)
   except UserError as e:
     if verbose:
       traceback.print_exc()
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("jaxvid: interrupted", file=sys.stderr)
     return 130
-  return 0
+  return status or 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from jaxvid.models import layers
 from jaxvid.models import text
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
+from jaxvid.perf import compare
 from jaxvid.perf import flops as flops_lib
 from jaxvid.perf import profile as profile_lib
 from jaxvid.train import state as state_lib
@@ -237,7 +238,12 @@ def table(r: dict) -> str:
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def main(cfg: ml_collections.ConfigDict, steps: int, profile_dir: str | None = None) -> None:
+def main(cfg: ml_collections.ConfigDict, steps: int, profile_dir: str | None = None,
+         baseline: str | None = None, tolerance: float = 0.1) -> int:
+  """Runs, prints the table (and the profile and the comparison with `baseline`, a file of an
+  earlier result: perf/compare.py), then the JSON line; returns the exit status: 1 where a
+  metric regressed against the baseline by more than `tolerance`, else 0."""
+  before = compare.load(baseline) if baseline else None      # a bad file fails before the run
   result = run(cfg, steps=steps, profile_dir=profile_dir)
   print(table(result))
   per_call = result["train_steps_per_call"]
@@ -245,4 +251,15 @@ def main(cfg: ml_collections.ConfigDict, steps: int, profile_dir: str | None = N
            "forward": f"forward ({SAMPLING_STEPS} sampling steps in one call)"}
   for name, b in result.get("profile", {}).items():
     print(profile_lib.table(f"{calls[name]}, op time by kind (trace in {result['profile_dir']}/{name})", b))
+  if before is None:
+    print(json.dumps(result, sort_keys=True))
+    return 0
+  c = compare.compare(before, result, tolerance)
+  print(compare.table(c))
+  result["baseline"] = {"file": os.path.abspath(baseline), **c}
   print(json.dumps(result, sort_keys=True))
+  if c["regressed"]:
+    changes = ", ".join(f"{k} {100 * c['metrics'][k]['change']:+.1f} %" for k in c["regressed"])
+    log.error("bench: worse than the baseline %s by more than %g %%: %s", baseline, 100 * tolerance, changes)
+    return 1
+  return 0
