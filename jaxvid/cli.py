@@ -1,7 +1,7 @@
 """The `jaxvid` command: parse, build the config, call train or sample.
 
-Exit status: 0 done, 2 bad input (one line naming the problem and the fix), 1 anything else
-(also `jaxvid bench --baseline` finding a regression).
+Exit status: 0 done, 2 bad input (one line naming the problem and the fix), 3 `jaxvid bench
+--baseline` found a figure worse than the baseline's, 1 anything else.
 A job that seems stuck (a collective waiting for a process that died, a loader that stopped):
 `kill -USR1 PID` prints every thread's Python stack to its stderr and the job goes on.
 """
@@ -78,9 +78,9 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument("--profile", default=None, metavar="DIR",
                  help="also trace one train call and one forward call into DIR and print where their time went")
   b.add_argument("--baseline", default=None, metavar="FILE",
-                 help="an earlier run's output (its JSON line): print the changes, exit 1 if a step time, "
+                 help="an earlier run's output (its JSON line): print the changes, exit 3 if a step time, "
                       "compile time or the peak memory grew by more than --tolerance")
-  b.add_argument("--tolerance", type=float, default=0.1,
+  b.add_argument("--tolerance", type=float, default=None,
                  help="the growth --baseline allows, a fraction (default 0.1: 10%%)")
 
   for command in (t, s, c, e, b):
@@ -144,11 +144,16 @@ def run(argv: list[str]) -> int | None:
     from jaxvid.perf import bench
     if args.steps < 1:
       raise UserError("--steps must be at least 1")
-    if not args.tolerance >= 0:
-      raise UserError(f"--tolerance must be a fraction >= 0 (0.1: 10%), got {args.tolerance}")
+    if args.tolerance is not None and args.baseline is None:
+      raise UserError("--tolerance needs --baseline FILE (an earlier `jaxvid bench` output)")
+    tolerance = 0.1 if args.tolerance is None else args.tolerance
+    if not tolerance >= 0:
+      raise UserError(f"--tolerance must be a fraction >= 0 (0.1: 10%), got {tolerance}")
+    from jaxvid.perf import compare
+    baseline = None if args.baseline is None else (args.baseline, compare.load(args.baseline))   # before the run
     cfg = config_lib.load(args.config, overrides)
     distributed.initialize(cfg, batch=cfg.train.batch_size)
-    return bench.main(cfg, args.steps, args.profile, args.baseline, args.tolerance)
+    return bench.main(cfg, args.steps, args.profile, baseline, tolerance)
   elif args.command == "export":
     if overrides:
       raise UserError("jaxvid export takes no --config overrides")

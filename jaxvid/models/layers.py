@@ -79,6 +79,8 @@ def mean(x: jax.Array) -> jax.Array:
   way 2e-9 (tests/models/test_layers.py). XLA merges a sum of sums into one reduction, not a
   mean of means. The losses use it; on GPU and TPU it costs a second, small reduction."""
   x = x.astype(jnp.float32)
+  if x.size == 0:
+    return jnp.mean(x)                                         # nan, as jnp.mean
   row = 1
   for d in reversed(x.shape):
     if row >= MEAN_ROW:

@@ -11,7 +11,8 @@ median seconds after warm-up, tokens per second, analytic model FLOPs (perf/flop
 device's peak matmul throughput timed in the same run, MFU, and peak memory per device; with
 --profile DIR, also where the time of a traced call went (matmuls, collectives, the rest;
 perf/profile.py). Prints a table, then one JSON object as the last line (machine-readable,
-for comparing runs).
+for comparing runs); with --baseline FILE, an earlier run's figures beside these first, and
+exit status REGRESSED if one got worse by more than --tolerance (perf/compare.py).
 """
 
 import json
@@ -45,6 +46,8 @@ from jaxvid.train import step as step_lib
 log = logging.getLogger("jaxvid")
 # Sampling steps per timed call of the forward (see `run`).
 SAMPLING_STEPS = 4
+# `jaxvid bench --baseline`'s exit status when a figure got worse (1 stays "it crashed").
+REGRESSED = 3
 
 
 def step_times(fn, steps: int, warmup: int) -> list[float]:
@@ -239,11 +242,10 @@ def table(r: dict) -> str:
 
 
 def main(cfg: ml_collections.ConfigDict, steps: int, profile_dir: str | None = None,
-         baseline: str | None = None, tolerance: float = 0.1) -> int:
-  """Runs, prints the table (and the profile and the comparison with `baseline`, a file of an
-  earlier result: perf/compare.py), then the JSON line; returns the exit status: 1 where a
-  metric regressed against the baseline by more than `tolerance`, else 0."""
-  before = compare.load(baseline) if baseline else None      # a bad file fails before the run
+         baseline: tuple[str, dict] | None = None, tolerance: float = 0.1) -> int:
+  """Runs, prints the table (and the profile, and on process 0 the comparison with `baseline`,
+  (file, result) of an earlier run: perf/compare.py), then the JSON line; returns the exit
+  status: REGRESSED where a metric grew past the baseline by more than `tolerance`, else 0."""
   result = run(cfg, steps=steps, profile_dir=profile_dir)
   print(table(result))
   per_call = result["train_steps_per_call"]
@@ -251,15 +253,15 @@ def main(cfg: ml_collections.ConfigDict, steps: int, profile_dir: str | None = N
            "forward": f"forward ({SAMPLING_STEPS} sampling steps in one call)"}
   for name, b in result.get("profile", {}).items():
     print(profile_lib.table(f"{calls[name]}, op time by kind (trace in {result['profile_dir']}/{name})", b))
-  if before is None:
-    print(json.dumps(result, sort_keys=True))
-    return 0
-  c = compare.compare(before, result, tolerance)
-  print(compare.table(c))
-  result["baseline"] = {"file": os.path.abspath(baseline), **c}
+  c = None
+  if baseline is not None and jax.process_index() == 0:
+    path, before = baseline
+    c = compare.compare(before, result, tolerance)
+    print(compare.table(c))
+    result["baseline"] = {"file": os.path.abspath(path), **c}
   print(json.dumps(result, sort_keys=True))
-  if c["regressed"]:
+  if c and c["regressed"]:
     changes = ", ".join(f"{k} {100 * c['metrics'][k]['change']:+.1f} %" for k in c["regressed"])
-    log.error("bench: worse than the baseline %s by more than %g %%: %s", baseline, 100 * tolerance, changes)
-    return 1
+    log.error("bench: worse than the baseline %s by more than %g %%: %s", baseline[0], 100 * tolerance, changes)
+    return REGRESSED
   return 0

@@ -1,7 +1,7 @@
 """A `jaxvid bench` result against an earlier one: the regression check.
 
   jaxvid bench --config configs/bench_cpu.py > base.txt              # once, on a known-good commit
-  jaxvid bench --config configs/bench_cpu.py --baseline base.txt      # later: exit status 1 if slower
+  jaxvid bench --config configs/bench_cpu.py --baseline base.txt      # later: exit status 3 if worse
 
 `load` reads the baseline (a file holding bench's JSON line, or its whole printed output: the
 last line that is a bench result counts). `compare` sets each metric beside the baseline's;
@@ -13,7 +13,7 @@ so; it still compares (an A/B of two configs is a use of it).
 """
 
 import json
-import os
+import math
 
 from jaxvid.errors import UserError
 
@@ -25,17 +25,19 @@ GATED = (("train_step_s", "train step", "ms"), ("forward_s", "forward (sampling 
 SHOWN = (("peak_flops", "peak matmul (measured)", "GFLOP/s"), ("mfu", "MFU train", "%"),
          ("forward_mfu", "MFU forward", "%"))
 # What must match for the two runs to have measured the same thing.
-SAME = ("config", "device", "jax", "params", "flops_per_step")
+SAME = ("config", "train_steps_per_call", "device", "host", "jax", "params", "flops_per_step")
 _SCALE = {"ms": 1e3, "s": 1.0, "MiB": 2.0 ** -20, "GFLOP/s": 1e-9, "%": 100.0}
 
 
 def load(path: str) -> dict:
-  """The bench result in `path`: the last line that parses as a JSON object with the gated
-  metrics (so a file of bench's whole stdout works)."""
-  if not os.path.isfile(path):
-    raise UserError(f"--baseline {path}: no such file; save one with `jaxvid bench ... > {path}`")
-  with open(path, encoding="utf-8", errors="replace") as f:
-    lines = f.read().splitlines()
+  """The bench result in `path`: the last line that parses as a JSON object whose gated metrics
+  are positive numbers (so a file of bench's whole stdout works)."""
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      lines = f.read().splitlines()
+  except OSError as e:
+    raise UserError(f"--baseline {path}: cannot read it ({e.strerror}); save one with "
+                    f"`jaxvid bench ... > {path}`") from None
   for line in reversed(lines):
     line = line.strip()
     if not line.startswith("{"):
@@ -44,19 +46,26 @@ def load(path: str) -> dict:
       result = json.loads(line)
     except json.JSONDecodeError:
       continue
-    if isinstance(result, dict) and all(isinstance(result.get(key), (int, float)) for key, _, _ in GATED):
+    if isinstance(result, dict) and all(_number(result.get(key)) for key, _, _ in GATED):
       return result
   raise UserError(f"--baseline {path}: no `jaxvid bench` result in it (the JSON line bench prints last, "
-                  f"with {', '.join(key for key, _, _ in GATED)}); save one with `jaxvid bench ... > {path}`")
+                  f"with {', '.join(key for key, _, _ in GATED)} positive numbers); save one with "
+                  f"`jaxvid bench ... > {path}`")
+
+
+def _number(x) -> bool:
+  """Whether x is a finite number above 0 (not a bool)."""
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def compare(baseline: dict, result: dict, tolerance: float) -> dict:
   """{"metrics": {key: {"baseline", "now", "change"}}, "regressed": [keys], "differs":
-  [[name, baseline's, now]], "tolerance"}: change is now / baseline - 1 (None where the baseline is 0 or missing)."""
+  [[name, baseline's, now]], "tolerance"}: change is now / baseline - 1. A value that is not a
+  positive number (a shown metric an older bench lacks) is None, and so is its change."""
   metrics = {}
   for key, _, _ in GATED + SHOWN:
-    before, now = baseline.get(key), result.get(key)
-    change = now / before - 1 if isinstance(before, (int, float)) and before and now is not None else None
+    before, now = (x if _number(x) else None for x in (baseline.get(key), result.get(key)))
+    change = now / before - 1 if before is not None and now is not None else None
     metrics[key] = {"baseline": before, "now": now, "change": change}
   regressed = [key for key, _, _ in GATED if metrics[key]["change"] is not None and metrics[key]["change"] > tolerance]
   return {"metrics": metrics, "regressed": regressed, "differs": _differences(baseline, result),

@@ -8,6 +8,7 @@ import pytest
 from conftest import SMALL, TINY
 from jaxvid import cli
 from jaxvid.errors import UserError
+from jaxvid.perf import bench
 from jaxvid.perf import compare
 
 
@@ -54,25 +55,42 @@ def test_load_takes_the_json_line_of_a_saved_output(tmp_path):
   (tmp_path / "empty.txt").write_text("train step 2000 ms\n{\"loss\": 1.0}\n")
   with pytest.raises(UserError, match="no `jaxvid bench` result in it"):
     compare.load(str(tmp_path / "empty.txt"))
-  with pytest.raises(UserError, match="no such file"):
+  with pytest.raises(UserError, match="cannot read it"):
     compare.load(str(tmp_path / "missing.txt"))
+  with pytest.raises(UserError, match="cannot read it"):
+    compare.load(str(tmp_path))                                   # a folder
+  # A gated figure that is not a positive number cannot be a baseline: nothing would be judged.
+  for bad in (float("nan"), float("inf"), 0, True, "4.2", None):
+    (tmp_path / "bad.json").write_text(json.dumps(_result(train_step_s=bad)))
+    with pytest.raises(UserError, match="positive numbers"):
+      compare.load(str(tmp_path / "bad.json"))
+
+
+def test_a_shown_figure_that_is_not_a_number_is_left_out():
+  c = compare.compare(_result(mfu="n/a", forward_mfu=float("nan")), _result(), 0.1)
+  assert c["metrics"]["mfu"] == {"baseline": None, "now": 0.6, "change": None}
+  assert c["metrics"]["forward_mfu"]["change"] is None and c["regressed"] == []
+  assert "MFU train" in compare.table(c)
 
 
 def test_bench_with_a_bad_baseline_or_tolerance_fails_before_it_runs(tmp_path, capsys):
   args = ["bench", "--config", TINY, *SMALL, "--steps", "1", "--config.mesh.data=-1"]
+  (tmp_path / "base.json").write_text(json.dumps(_result()))
   assert cli.main(args + ["--baseline", str(tmp_path / "missing.txt")]) == 2
-  assert cli.main(args + ["--baseline", str(tmp_path / "missing.txt"), "--tolerance", "-0.1"]) == 2
+  assert cli.main(args + ["--baseline", str(tmp_path / "base.json"), "--tolerance", "-0.1"]) == 2
+  assert cli.main(args + ["--tolerance", "0.2"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert err[0].startswith("jaxvid: error: --baseline") and "no such file" in err[0]
+  assert err[0].startswith("jaxvid: error: --baseline") and "cannot read it" in err[0]
   assert err[1].startswith("jaxvid: error: --tolerance must be a fraction >= 0")
+  assert err[2] == "jaxvid: error: --tolerance needs --baseline FILE (an earlier `jaxvid bench` output)"
 
 
-def test_bench_against_a_faster_baseline_exits_1_and_keeps_its_json_last(tmp_path, capsys):
+def test_bench_against_a_faster_baseline_exits_3_and_keeps_its_json_last(tmp_path, capsys):
   # A real run against a baseline 1000x faster in every gated metric: all of them regress.
   fast = _result(**{key: 1e-3 for key, _, _ in compare.GATED})
   (tmp_path / "base.json").write_text(json.dumps(fast))
   assert cli.main(["bench", "--config", TINY, *SMALL, "--steps", "1", "--config.mesh.data=-1",
-                   "--baseline", str(tmp_path / "base.json")]) == 1
+                   "--baseline", str(tmp_path / "base.json")]) == bench.REGRESSED == 3
   captured = capsys.readouterr()
   lines = captured.out.strip().splitlines()
   result = json.loads(lines[-1])
@@ -81,5 +99,7 @@ def test_bench_against_a_faster_baseline_exits_1_and_keeps_its_json_last(tmp_pat
   assert any(line.startswith("train step") and line.endswith("REGRESSED") for line in lines[:-1])
   assert any(line.startswith("note: the runs differ in config.") for line in lines[:-1])
   assert "worse than the baseline" in captured.err
-  # The same result as its own baseline: nothing regresses.
-  assert compare.compare(result, result, 0.0)["regressed"] == []
+  # This run's whole output, saved, is a baseline: the figures this run measured.
+  (tmp_path / "out.txt").write_text(captured.out)
+  again = compare.load(str(tmp_path / "out.txt"))
+  assert again["train_step_s"] == result["train_step_s"] and again["baseline"]["file"] == result["baseline"]["file"]

@@ -44,7 +44,7 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
   assert train_small(tmp_path / "twice", "--config.train.steps=6", *common) == 0
   once, twice = _metrics(tmp_path / "once"), _metrics(tmp_path / "twice")
   assert [r["step"] for r in twice] == [1, 2, 3, 4, 5, 6]          # continued at 4, not restarted
-  assert [r["loss"] for r in once] == [r["loss"] for r in twice]    # same batches, same noise
+  np.testing.assert_allclose([r["loss"] for r in twice], [r["loss"] for r in once], rtol=1e-6)   # same batches, noise
   # The first 3 steps of "twice" ran a program compiled for a 3-step schedule (a constant in it),
   # which XLA:CPU may round differently: 2e-9 apart measured. Bitwise equality under one program,
   # after a kill: tests/train/test_checkpoint.py.
