@@ -67,26 +67,27 @@ def _matmul_bwd(precision, out_dtype, res, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-# `mean` averages rows of at least this many elements first.
+# `mean` averages groups of trailing axes of at least this many elements at a time.
 MEAN_ROW = 256
 
 
 def mean(x: jax.Array) -> jax.Array:
-  """The mean of all of x [...] -> [] in float32, taken as the mean of row means: rows of the
-  trailing axes, at least MEAN_ROW elements each. XLA:CPU's own reduction of a many-axis array
-  to one number (jaxvid turns YNNPACK's off, parallel/distributed.py) accumulates largely in
-  sequence: the mean square of an [8, 9, 32, 32, 16] float32 difference came out 6e-4 off, this
-  way 2e-9 (tests/models/test_layers.py). XLA merges a sum of sums into one reduction, not a
-  mean of means. The losses use it; on GPU and TPU it costs a second, small reduction."""
+  """The mean of all of x [...] -> [] in float32, in stages: over the fewest trailing axes that
+  hold MEAN_ROW elements, then again over the result's, to the end. XLA:CPU's own reduction of
+  a many-axis array to one number (jaxvid turns YNNPACK's off, parallel/distributed.py)
+  accumulates largely in sequence: the mean square of an [8, 9, 32, 32, 16] float32 difference
+  came out 6e-4 off, this way 1e-7 (tests/models/test_layers.py). XLA merges a sum of sums
+  into one reduction, not a mean of means. No reshape, so a sharded array is not resharded.
+  The losses use it; on GPU and TPU it costs a second, small reduction."""
   x = x.astype(jnp.float32)
-  if x.size == 0:
-    return jnp.mean(x)                                         # nan, as jnp.mean
-  row = 1
-  for d in reversed(x.shape):
-    if row >= MEAN_ROW:
+  while x.ndim > 1:
+    k, n = x.ndim, 1
+    while k > 0 and n < MEAN_ROW:
+      k, n = k - 1, n * x.shape[k - 1]
+    if k == 0:
       break
-    row *= d
-  return jnp.mean(jnp.mean(x.reshape(-1, row), -1))
+    x = jnp.mean(x, axis=tuple(range(k, x.ndim)))
+  return jnp.mean(x)                                           # an empty array's: nan, as jnp.mean
 
 
 def dense(din: int, dout: int, axes: tuple, *, dtype, param_dtype, rngs: nnx.Rngs,
