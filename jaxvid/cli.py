@@ -146,10 +146,10 @@ def run(argv: list[str]) -> int | None:
       raise UserError("--steps must be at least 1")
     if args.tolerance is not None and args.baseline is None:
       raise UserError("--tolerance needs --baseline FILE (an earlier `jaxvid bench` output)")
-    tolerance = 0.1 if args.tolerance is None else args.tolerance
+    from jaxvid.perf import compare
+    tolerance = compare.TOLERANCE if args.tolerance is None else args.tolerance
     if not tolerance >= 0:
       raise UserError(f"--tolerance must be a fraction >= 0 (0.1: 10%), got {tolerance}")
-    from jaxvid.perf import compare
     baseline = None if args.baseline is None else (args.baseline, compare.load(args.baseline))   # before the run
     cfg = config_lib.load(args.config, overrides)
     distributed.initialize(cfg, batch=cfg.train.batch_size)

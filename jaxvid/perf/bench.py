@@ -242,7 +242,7 @@ def table(r: dict) -> str:
 
 
 def main(cfg: ml_collections.ConfigDict, steps: int, profile_dir: str | None = None,
-         baseline: tuple[str, dict] | None = None, tolerance: float = 0.1) -> int:
+         baseline: tuple[str, dict] | None = None, tolerance: float = compare.TOLERANCE) -> int:
   """Runs, prints the table (and the profile, and on process 0 the comparison with `baseline`,
   (file, result) of an earlier run: perf/compare.py), then the JSON line; returns the exit
   status: REGRESSED where a metric grew past the baseline by more than `tolerance`, else 0."""

@@ -24,6 +24,8 @@ GATED = (("train_step_s", "train step", "ms"), ("forward_s", "forward (sampling 
 # (key, label, unit): higher is better; shown only.
 SHOWN = (("peak_flops", "peak matmul (measured)", "GFLOP/s"), ("mfu", "MFU train", "%"),
          ("forward_mfu", "MFU forward", "%"))
+# The growth a gated figure may show before it counts as a regression (--tolerance's default).
+TOLERANCE = 0.1
 # What must match for the two runs to have measured the same thing.
 SAME = ("config", "train_steps_per_call", "device", "host", "jax", "params", "flops_per_step")
 _SCALE = {"ms": 1e3, "s": 1.0, "MiB": 2.0 ** -20, "GFLOP/s": 1e-9, "%": 100.0}
