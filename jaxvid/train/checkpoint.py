@@ -72,6 +72,15 @@ class Checkpointer:
                                              enable_async_checkpointing=async_save),
         item_names=("state", "data", "config"))
 
+  @classmethod
+  def of_run(cls, workdir: str) -> "Checkpointer":
+    """The checkpoints of another run, to read from: UserError if it has none, and nothing is
+    created in its directory."""
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+      raise UserError(f"no checkpoint in {directory}; train first (jaxvid train ...)")
+    return cls(workdir)
+
   def _complete(self, step: int) -> bool:
     return os.path.exists(os.path.join(self.directory, str(step), COMMIT_MARKER))
 

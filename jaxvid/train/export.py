@@ -82,7 +82,7 @@ def load_params(path: str, cfg: ml_collections.ConfigDict, abstract_params, step
     if step is not None:
       raise UserError(f"{path} is an export (one step); drop --step")
     return restore(path, cfg, abstract_params)
-  checkpointer = ckpt_lib.Checkpointer(path)
+  checkpointer = ckpt_lib.Checkpointer.of_run(path)
   try:
     steps = checkpointer.all_steps()
     if not steps:

@@ -35,7 +35,8 @@ log = logging.getLogger("jaxvid")
 def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> ckpt_lib.Checkpointer:
   """Checks that `workdir` is new or holds this model, then writes config.json.
 
-  Nothing in an existing workdir is touched before the checks pass.
+  Nothing in an existing workdir is touched before the checks pass. The config.json of a
+  different model is replaced only where no step was ever logged or saved (a start that failed).
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} exists and is not a directory")
@@ -47,8 +48,11 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> ckpt_lib.Ch
       except (ValueError, UserError) as e:
         raise UserError(f"{config_path} is not a jaxvid config ({e}); use a new --workdir") from e
     if config_lib.model_hash(saved) != config_lib.model_hash(cfg):
-      raise UserError(f"{workdir} holds a run of a different model ({config_lib.model_diffs(saved, cfg)}); "
-                      "use a new --workdir or the same model config")
+      if _holds_a_run(workdir):
+        raise UserError(f"{workdir} holds a run of a different model ({config_lib.model_diffs(saved, cfg)}); "
+                        "use a new --workdir or the same model config")
+      log.warning("%s: config.json of a run that never logged or saved a step (%s); replacing it",
+                  workdir, config_lib.model_diffs(saved, cfg))
   os.makedirs(workdir, exist_ok=True)
   c = cfg.checkpoint
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.keep, keep_every=c.keep_every, async_save=c.async_save)
@@ -60,6 +64,14 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> ckpt_lib.Ch
       f.write(config_lib.to_json(cfg))
     os.replace(config_path + ".tmp", config_path)
   return checkpointer
+
+
+def _holds_a_run(workdir: str) -> bool:
+  """Whether `workdir` has a checkpoint folder with anything in it or a logged step: what a start
+  that failed before its first step (bad --init_from, bad data) does not leave."""
+  checkpoints, metrics = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "metrics.jsonl")
+  return ((os.path.isdir(checkpoints) and bool(os.listdir(checkpoints)))
+          or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0))
 
 
 def init_from_run(state: state_lib.TrainState, path: str, cfg: ml_collections.ConfigDict, graphdef, abstract,
@@ -84,19 +96,20 @@ def init_from_run(state: state_lib.TrainState, path: str, cfg: ml_collections.Co
     if with_optimizer:
       raise UserError(f"--init_from {path} is an export, which has no optimizer state; drop --init_optimizer")
     params, step = export_lib.restore(path, cfg, target.params)
-    ema = params
+    ema = jax.tree.map(lambda p: p.copy(), params)     # its own buffers: the step donates both trees
   elif with_optimizer:
     if source_cfg.optim.get("frozen", "") != cfg.optim.frozen:
       raise UserError(f"--init_from {path} --init_optimizer: its optim.frozen differs from this run's, so its "
                       "optimizer state does not fit; drop --init_optimizer or give the same optim.frozen")
-    checkpointer = ckpt_lib.Checkpointer(path)
+    checkpointer = ckpt_lib.Checkpointer.of_run(path)
     step = checkpointer.latest_step()
     if step is None:
       raise UserError(f"--init_from {path}: no checkpoint in {checkpointer.directory}")
     restored = checkpointer.restore(step, target)
     checkpointer.close()
-    log.info("initialized parameters, EMA and optimizer state from %s at step %d", path, step)
-    return restored.replace(step=state.step)
+    log.info("initialized parameters, EMA and optimizer state from %s at step %d; the learning-rate "
+             "schedule starts over at this run's step 0", path, step)
+    return restored.replace(step=state.step, opt_state=state_lib.restart_schedule(restored.opt_state, state.step))
   else:
     params, step = export_lib.load_params(path, cfg, target.params, which="params")
     ema, _ = export_lib.load_params(path, cfg, target.ema, step, which="ema")

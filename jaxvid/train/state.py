@@ -77,6 +77,16 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransf
   return tx, schedule
 
 
+def restart_schedule(opt_state, step: jax.Array):
+  """opt_state with the learning-rate schedule's count set to `step` (int32 []): a run that
+  takes another's optimizer state keeps its Adam moments (and their bias correction) but runs
+  its own schedule, the one `schedule(state.step)` logs. (A copy of `step` each: a step
+  donates the whole state, and a buffer cannot be donated twice.)"""
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  return jax.tree.map(lambda x: x._replace(count=step.astype(x.count.dtype).copy()) if is_schedule(x) else x,
+                      opt_state, is_leaf=is_schedule)
+
+
 def abstract_model(cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State]:
   """The model's structure and its parameters as shapes only (no memory used)."""
   model = nnx.eval_shape(lambda: MODELS[cfg.model.name](cfg, cfg.seed))

@@ -16,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from conftest import SMALL, TINY, one_device_env, train_small
@@ -193,22 +194,51 @@ def test_export_samples_the_same_video_as_its_run(trained_run, tmp_path):
     assert not [f for f in files if f.endswith((".pkl", ".pickle"))]
 
 
+def _counts(opt_state):
+  """(Adam's count, the learning-rate schedule's count)."""
+  is_count = lambda x: isinstance(x, (optax.ScaleByAdamState, optax.ScaleByScheduleState))
+  found = {type(x): int(x.count) for x in jax.tree.leaves(opt_state, is_leaf=is_count) if is_count(x)}
+  return found[optax.ScaleByAdamState], found[optax.ScaleByScheduleState]
+
+
 def test_init_from_takes_parameters_and_optionally_the_optimizer(trained_run, tmp_path):
-  for name, flags in (("params", []), ("opt", ["--init_optimizer"])):
+  source, _ = _restore(trained_run, 4)
+  export = tmp_path / "export"
+  assert cli.main(["export", "--workdir", str(trained_run), "--output", str(export)]) == 0
+  for name, path, flags in (("params", trained_run, []), ("opt", trained_run, ["--init_optimizer"]),
+                            ("export", export, [])):
     workdir = tmp_path / name
-    shutil.rmtree(workdir, ignore_errors=True)
     assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), *SMALL, "--config.train.steps=1",
-                     "--config.optim.lr=0.0", "--init_from", str(trained_run), *flags]) == 0
-    source, _ = _restore(trained_run, 4)
+                     "--config.optim.lr=0.0", "--init_from", str(path), *flags]) == 0
     state, _ = _restore(workdir, 1)
     assert int(state.step) == 1
-    for x, y in zip(jax.tree.leaves(source.params), jax.tree.leaves(state.params)):   # lr 0: unchanged
+    expected = source.ema if name == "export" else source.params      # an export holds the EMA weights
+    for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(state.params)):   # lr 0: unchanged
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    count = int(state.opt_state[1][0].count)
-    assert count == (5 if flags else 1)
+    # Adam's moments (and their count) come along with --init_optimizer; the learning-rate
+    # schedule is this run's either way, so the logged lr is the one applied.
+    assert _counts(state.opt_state) == ((5 if flags else 1), 1)
 
 
-def test_init_from_another_model_is_refused(trained_run, tmp_path, capsys):
-  assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), *SMALL,
+def test_init_from_another_model_is_refused_and_the_workdir_stays_usable(trained_run, tmp_path, capsys):
+  workdir = tmp_path / "w"
+  assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), *SMALL,
                    "--config.model.width=64", "--init_from", str(trained_run)]) == 2
   assert "is a different model" in capsys.readouterr().err
+  # The failed start wrote its config.json but never a step: the corrected command runs there.
+  assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), *SMALL, "--config.train.steps=1",
+                   "--init_from", str(trained_run)]) == 0
+  # A run that did save a step is another matter.
+  assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), *SMALL, "--config.train.steps=1",
+                   "--config.model.width=64"]) == 2
+  assert "holds a run of a different model" in capsys.readouterr().err
+
+
+def test_init_from_a_run_without_checkpoints_writes_nothing_there(tmp_path, capsys):
+  source = tmp_path / "source"
+  source.mkdir()
+  (source / "config.json").write_text(config.to_json(config.load(TINY, SMALL)))
+  assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), *SMALL,
+                   "--init_from", str(source)]) == 2
+  assert "no checkpoint in" in capsys.readouterr().err
+  assert os.listdir(source) == ["config.json"]
