@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 
 from jaxvid.errors import UserError
@@ -99,9 +100,12 @@ def _entry(row: dict, base: str, where: str) -> Entry:
     if value in (None, ""):
       continue
     try:
-      numbers[k] = kind(float(value))
+      number = float(value)
     except (TypeError, ValueError):
       raise UserError(f"{where}: {k}={value!r} is not a number") from None
+    if not math.isfinite(number):
+      raise UserError(f"{where}: {k}={value!r} is not a finite number")
+    numbers[k] = kind(number)
     if numbers[k] < 0:
       raise UserError(f"{where}: {k}={value!r} must not be negative")
   if numbers.get("end", 0) and numbers["end"] <= numbers.get("start", 0):
@@ -110,10 +114,23 @@ def _entry(row: dict, base: str, where: str) -> Entry:
   return Entry(path=full, caption=str(caption), **numbers)
 
 
+def _utf8(path: str):
+  """`path` opened as UTF-8 text, after checking that it is: UserError naming the line otherwise
+  (a manifest saved as Latin-1 or UTF-16 by a spreadsheet)."""
+  with open(path, "rb") as f:
+    for number, line in enumerate(f, 1):
+      try:
+        line.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{number}: not UTF-8 text (byte {line[e.start]:#x}); save the manifest "
+                        "as UTF-8") from None
+  return open(path, encoding="utf-8-sig", newline="")   # -sig: a byte order mark (Windows editors) is not data
+
+
 def _read_jsonl(path: str) -> list[Entry]:
   base = os.path.dirname(os.path.abspath(path))
   entries = []
-  with open(path, encoding="utf-8-sig") as f:     # -sig: a byte order mark (Windows editors) is not data
+  with _utf8(path) as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -129,15 +146,25 @@ def _read_jsonl(path: str) -> list[Entry]:
 
 def _read_csv(path: str) -> list[Entry]:
   base = os.path.dirname(os.path.abspath(path))
-  with open(path, encoding="utf-8-sig", newline="") as f:   # Excel writes a byte order mark first
+  with _utf8(path) as f:
     reader = csv.DictReader(f)
     columns = [c.strip() for c in reader.fieldnames or ()]
     missing = [c for c in ("path", "caption") if c not in columns]
     if missing:
       raise UserError(f"manifest {path} has no {' or '.join(missing)} column (columns: {', '.join(columns) or 'none'}); "
                       "the header row needs path and caption")
-    return [_entry({k.strip(): v for k, v in row.items() if k is not None}, base, f"{path}:{number}")
-            for number, row in enumerate(reader, 2)]
+    entries = []
+    for row in reader:
+      where = f"{path}:{reader.line_num}"
+      if None in row:      # more cells than the header: an unquoted comma, most often in the caption
+        raise UserError(f"{where}: {len(columns) + len(row[None])} cells, the header has {len(columns)}; "
+                        'quote a caption that holds a comma ("a dog, running")')
+      row = {k.strip(): v for k, v in row.items()}
+      missing = [c for c in ("path", "caption") if row[c] is None]
+      if missing:          # fewer cells than the header, and the row stops before these columns
+        raise UserError(f"{where}: no {' or '.join(missing)} cell; every row needs a path and a caption")
+      entries.append(_entry(row, base, where))
+    return entries
 
 
 def _read_folder(path: str) -> list[Entry]:

@@ -111,6 +111,12 @@ def test_images_are_entries_of_every_format(tmp_path):
     ("m.csv", "path,caption,end\na.mp4,x,1\nb.mp4,y,half\n", r"m.csv:3: end='half' is not a number"),
     ("m.csv", "path,caption,width\na.mp4,x,wide\n", "width='wide' is not a number"),
     ("m.txt", "a.mp4 a caption\n", "unknown format"),
+    ("m.jsonl", '{"path": "a.mp4", "caption": "x", "width": "inf"}\n', "width='inf' is not a finite number"),
+    ("m.jsonl", '{"path": "a.mp4", "caption": "x", "start": "nan"}\n', "start='nan' is not a finite number"),
+    ("m.jsonl", '{"path": "a.mp4", "caption": "x", "end": 1e400}\n', "end=inf is not a finite number"),
+    # An unquoted comma in a caption would silently cut it short; a row without a caption cell is a mistake too.
+    ("m.csv", "path,caption\na.mp4,x\nb.mp4,a dog, running\n", r"m.csv:3: 3 cells, the header has 2; quote a caption"),
+    ("m.csv", 'path,caption\na.mp4,"a dog,\nrunning"\nb.mp4\n', r"m.csv:4: no caption cell"),
 ])
 def test_bad_manifest_is_a_user_error(tmp_path, name, content, words):
   (tmp_path / name).write_text(content)
@@ -145,6 +151,20 @@ def test_numbers_are_parsed_not_trusted_as_strings(tmp_path):
   [e] = manifest.read(path)
   assert (e.caption, e.start, e.fps, e.width, e.height, e.duration) == ("12", 0.25, 7.5, 320, 240, 10.0)
   assert np.isclose(e.start + e.fps, 7.75)
+
+
+def test_a_manifest_that_is_not_utf8_is_a_user_error(tmp_path):
+  for name, line, text in (("m.csv", 3, "path,caption\na.mp4,x\nb.mp4,un café\n"),
+                           ("m.jsonl", 2, '{"path": "a.mp4", "caption": "x"}\n{"path": "b.mp4", "caption": "un café"}\n')):
+    (tmp_path / name).write_bytes(text.encode("latin-1"))     # what a spreadsheet may save
+    with pytest.raises(UserError, match=rf"{name}:{line}: not UTF-8 text \(byte 0xe9\); save the manifest as UTF-8"):
+      manifest.read(str(tmp_path / name))
+
+
+def test_a_quoted_caption_keeps_its_commas_and_newlines(tmp_path):
+  (tmp_path / "m.csv").write_text('path,caption\na.mp4,"a dog, running\non grass"\nb.mp4,""\n')
+  assert manifest.read(str(tmp_path / "m.csv")) == [Entry(str(tmp_path / "a.mp4"), "a dog, running\non grass"),
+                                                   Entry(str(tmp_path / "b.mp4"), "")]
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
