@@ -350,6 +350,9 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
     raise UserError(f"data.crop={cfg.data.crop!r} must be one of {CROPS}")
   if cfg.data.fps < 0 or cfg.data.stride < 1 or cfg.data.probe_threads < 1 or cfg.data.threads < 1:
     raise UserError("data.fps must be >= 0, data.stride, data.threads and data.probe_threads >= 1")
+  if cfg.data.workers < 0 or cfg.data.prefetch < 0:
+    raise UserError(f"data.workers={cfg.data.workers} and data.prefetch={cfg.data.prefetch} must be >= 0 "
+                    "(workers 0: read in the main process)")
   if cfg.autoencoder.name not in AUTOENCODERS:
     raise UserError(f"autoencoder.name={cfg.autoencoder.name!r} must be one of {AUTOENCODERS}")
   if cfg.encode.dtype not in LATENT_DTYPES or cfg.encode.batch_size < 1:

@@ -77,6 +77,8 @@ def test_bad_overrides(override, words):
     (["--config.model.pos_embed=learned"], "model.pos_embed='learned' must be"),
     (["--config.text.encoder=t5"], "text.encoder='t5' must be"),
     (["--config.text.vocab=2"], "text.vocab=2 must be at least 3"),
+    (["--config.data.prefetch=-1"], "data.workers=0 and data.prefetch=-1 must be >= 0"),
+    (["--config.data.workers=-1"], "data.workers=-1 and data.prefetch=2 must be >= 0"),
     (["--config.mesh.data=3"], "mesh .* has 3 devices but 8 are present"),
     (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], "at most one -1"),
     (["--config.mesh.data=-1", "--config.mesh.fsdp=3"], "cannot fill 8 devices"),

@@ -2,6 +2,7 @@
 write nothing new, complete an interrupted store, and refuse a store of another manifest."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -157,7 +158,7 @@ def test_a_second_encode_writes_nothing(store, media, tmp_path):
   assert _files(path) == before
 
 
-def test_an_interrupted_store_is_completed_by_a_rerun(store, media, tmp_path):
+def test_an_interrupted_store_is_completed_by_a_rerun(store, media, tmp_path, caplog):
   path = _copy(store, tmp_path)
   part = os.path.join(path, "index", "part-00000.jsonl")
   with open(part) as f:
@@ -176,6 +177,11 @@ def test_an_interrupted_store_is_completed_by_a_rerun(store, media, tmp_path):
   assert len(latents.read_index(path)) == len(GOOD) - 3
   with pytest.raises(AssertionError):
     _assert_same_store(path, store)
+  # Training from it says how much of the manifest it has (rows: the clips that passed probing).
+  with caplog.at_level(logging.WARNING, logger="jaxvid"):
+    pipeline.make_source(latents_cfg(path), 0, 1, SHARDS)
+  rows = len(GOOD) + len(DECODE_BAD)
+  assert f"holds {len(GOOD) - 3} of its manifest's {rows} clips" in caplog.text and "rerun it to finish" in caplog.text
   counts = latents.encode(encode_cfg(), media.manifest, path)
   assert counts == {"written": 3, "present": len(GOOD) - 3, "skipped": len(STARTUP_BAD) + len(DECODE_BAD)}
   _assert_same_store(path, store)
