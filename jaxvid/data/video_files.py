@@ -133,11 +133,20 @@ def decode(entry: Entry, meta: Meta, frames: int, height: int, width: int, rate:
   return np.stack(out[:frames]).reshape(frames, height, width, 3)
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+  """`image` with 16-bit grayscale (PNG's I;16, or I as Pillow reads some) scaled to 8 bits,
+  which Pillow's convert("RGB") / convert("L") would clip to white instead; other modes as they are."""
+  if image.mode.startswith("I;16") or image.mode == "I":
+    gray = np.clip(np.round(np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, "L")
+  return image
+
+
 def decode_image(path: str, height: int, width: int, crop: tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
   """An image scaled to cover (height, width) and cropped: uint8 [height, width, 3]."""
   try:
     with Image.open(path) as image:
-      image = image.convert("RGB")
+      image = eight_bit(image).convert("RGB")
       scale = max(height / image.height, width / image.width)
       size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
       image = image.resize(size, Image.Resampling.BICUBIC)

@@ -166,7 +166,7 @@ def region(item: Item, shape: tuple[int, int, int]) -> np.ndarray:
   out = np.zeros(shape, bool)
   if item.mask_image:
     with Image.open(item.mask_image) as image:
-      gray = image.convert("L")
+      gray = video_files.eight_bit(image).convert("L")
       if gray.size != (w, h):    # the video's size: scaled and cropped like the video
         scale = max(h / gray.height, w / gray.width)
         size = (max(w, round(gray.width * scale)), max(h, round(gray.height * scale)))

@@ -95,6 +95,10 @@ def single_prompt(prompt: str, cfg: ml_collections.ConfigDict) -> list[Item]:
                frames=cfg.video.frames)]
 
 
+# Prompt file extensions (any case) and how their lines are read.
+PROMPT_FORMATS = {".txt": "text", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
 def read_prompts(path: str, cfg: ml_collections.ConfigDict, strict: bool = False) -> list[Item]:
   """The usable items of a `.jsonl` or `.txt` prompt file, in file order.
 
@@ -103,6 +107,11 @@ def read_prompts(path: str, cfg: ml_collections.ConfigDict, strict: bool = False
   """
   if not os.path.isfile(path):
     raise UserError(f"prompt file {path} not found")
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in PROMPT_FORMATS:
+    raise UserError(f"prompt file {path}: unknown format {ext or '(no extension)'}; name it .txt (a prompt a line) "
+                    "or .jsonl (a JSON object a line)")
+  jsonl = PROMPT_FORMATS[ext] == "jsonl"
   try:
     with open(path, encoding="utf-8-sig") as f:
       lines = f.read().splitlines()
@@ -113,7 +122,7 @@ def read_prompts(path: str, cfg: ml_collections.ConfigDict, strict: bool = False
   # so fixing a bad line does not rename the items after it (a resumed job goes by ids).
   rows, problems = [], []
   for k, (n, line) in enumerate((n, line) for n, line in enumerate(lines, 1) if line.strip()):
-    if path.endswith(".jsonl"):
+    if jsonl:
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
@@ -129,7 +138,8 @@ def read_prompts(path: str, cfg: ml_collections.ConfigDict, strict: bool = False
   candidates, seen = [], {}
   for n, k, row in rows:
     try:
-      item_id = writer.sanitize_id(str(row.get("id", f"{k:05d}")))
+      given = row.get("id")
+      item_id = writer.sanitize_id(f"{k:05d}" if given is None else str(given))     # "id": null is no id
       if item_id in seen:
         raise Problem(f"id {item_id!r} is also on line {seen[item_id]}; ids must be unique")
       seen[item_id] = n

@@ -81,6 +81,9 @@ def load_params(path: str, cfg: ml_collections.ConfigDict, abstract_params, step
   if is_export(path):
     if step is not None:
       raise UserError(f"{path} is an export (one step); drop --step")
+    if which != "ema":
+      raise UserError(f"{path} is an export, which holds the EMA weights only; drop "
+                      "--config.sample.use_ema=false, or sample the run directory")
     return restore(path, cfg, abstract_params)
   checkpointer = ckpt_lib.Checkpointer.of_run(path)
   try:

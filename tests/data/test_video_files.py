@@ -192,3 +192,14 @@ def test_ffmpeg_starts_without_python_in_the_forked_child():
   # child in a multithreaded process (a training run that never exited); jaxvid turns it off.
   import imageio_ffmpeg._utils
   assert imageio_ffmpeg._utils._popen_kwargs(prevent_sigint=True)["preexec_fn"] is None
+
+
+def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped(tmp_path):
+  from PIL import Image
+  gray = np.full((12, 20), 30000, np.uint16)      # 46% gray
+  gray[:, 10:] = 65535
+  Image.fromarray(gray).save(tmp_path / "g16.png")
+  assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+  out = video_files.decode_image(str(tmp_path / "g16.png"), 12, 20)
+  assert out.shape == (12, 20, 3)
+  assert abs(int(out[:, :8].mean()) - round(30000 / 257)) <= 1 and out[:, 12:].min() == 255

@@ -135,6 +135,19 @@ def test_nothing_usable_and_missing_file(cfg, tmp_path):
     items_lib.read_prompts(str(tmp_path / "nope.jsonl"), cfg)
 
 
+def test_the_format_goes_by_the_extension_in_any_case(cfg, tmp_path):
+  rows = [{"prompt": "a", "id": "named", "seed": 3}, {"prompt": "b", "id": None}, {"prompt": "c", "id": 7}]
+  for name in ("p.JSONL", "p.json", "p.jsonl"):
+    got = items_lib.read_prompts(_write(tmp_path / name, rows), cfg)
+    assert [(it.id, it.prompt) for it in got] == [("named", "a"), ("00001", "b"), ("7", "c")]   # "id": null: no id
+    assert got[0].seed == 3
+  got = items_lib.read_prompts(_write(tmp_path / "p.TXT", ["a cat", "a dog"]), cfg)
+  assert [(it.id, it.prompt) for it in got] == [("00000", "a cat"), ("00001", "a dog")]
+  for name in ("prompts", "p.csv"):
+    with pytest.raises(UserError, match=r"unknown format .*; name it .txt \(a prompt a line\) or .jsonl"):
+      items_lib.read_prompts(_write(tmp_path / name, ["a cat"]), cfg)
+
+
 def test_default_ids_do_not_move_when_a_bad_line_is_fixed(cfg, tmp_path):
   """Ids name items in a resumed job: an item without one is named by its place among the
   non-blank lines, bad lines included."""

@@ -177,7 +177,7 @@ def test_restore_onto_another_mesh_is_exact(trained_run, tmp_path, save_mesh, re
   assert len(kernel.sharding.device_set) == m.size
 
 
-def test_export_samples_the_same_video_as_its_run(trained_run, tmp_path):
+def test_export_samples_the_same_video_as_its_run(trained_run, tmp_path, capsys):
   exported = tmp_path / "export"
   assert cli.main(["export", "--workdir", str(trained_run), "--output", str(exported)]) == 0
   assert sorted(os.listdir(exported)) == ["config.json", "export.json", "params"]
@@ -189,6 +189,10 @@ def test_export_samples_the_same_video_as_its_run(trained_run, tmp_path):
   np.testing.assert_array_equal(writer.read_mp4(tmp_path / "a" / f"{name}.mp4"),
                                 writer.read_mp4(tmp_path / "b" / f"{name}.mp4"))
   assert json.load(open(tmp_path / "b" / f"{name}.json"))["checkpoint_step"] == 4
+  # An export holds the EMA weights only: asking for the raw parameters is refused, not ignored.
+  assert cli.main(["sample", "--workdir", str(exported), "--output", str(tmp_path / "c"), *args,
+                   "--config.sample.use_ema=false"]) == 2
+  assert "holds the EMA weights only" in capsys.readouterr().err and not os.path.exists(tmp_path / "c")
   # No pickle anywhere in what we save.
   for d, _, files in os.walk(trained_run / "checkpoints"):
     assert not [f for f in files if f.endswith((".pkl", ".pickle"))]
