@@ -27,12 +27,13 @@ def write_mixed_prompts(folder) -> str:
 
 def assert_same_videos(a, b, what):
   """Videos equal up to float reassociation: f32 sums in another order can move a pixel across a
-  rounding boundary before the uint8 cast and H.264; anything beyond that (a wrong token order,
-  a missing block, noise from a batch position) moves many: even guidance 3.9 instead of 4
-  changes 23% of the pixels of a video, by up to 13."""
+  rounding boundary before the uint8 cast (1/255 on a few pixels), and H.264 can spread that
+  one step over its block (seen: 12/255 on 0.5% of an 8-frame 32x32 video). Anything beyond
+  that (a wrong token order, a missing block, noise from a batch position) moves many: even
+  guidance 3.9 instead of 4 changes 23% of the pixels of a video, by up to 13."""
   for r in MIXED:
     expected = writer.read_mp4(a / f"{r['id']}.mp4").astype(int)
     video = writer.read_mp4(b / f"{r['id']}.mp4").astype(int)
     assert video.shape == expected.shape, (what, r["id"])
-    assert np.abs(video - expected).max() <= 2, (what, r["id"])
+    assert np.abs(video - expected).max() <= 16, (what, r["id"])
     assert np.mean(video != expected) < 0.01, (what, r["id"])
