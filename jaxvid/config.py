@@ -223,6 +223,10 @@ def load(spec: str, overrides: list[str] = ()) -> ConfigDict:
   cfg = ConfigDict(cfg)
   cfg.lock()
   apply_overrides(cfg, overrides)
+  # Absolute, so that the config.json of a run points at the same VAE from any directory
+  # (`jaxvid sample` reads it from there).
+  if cfg.autoencoder.checkpoint:
+    cfg.autoencoder.checkpoint = os.path.abspath(os.path.expanduser(cfg.autoencoder.checkpoint))
   return cfg
 
 

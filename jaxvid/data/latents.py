@@ -143,6 +143,10 @@ def encode(cfg: ml_collections.ConfigDict, manifest_path: str, store: str) -> di
                       for b, n in zip(buckets, per_bucket)]}
   if ae.name != "identity":   # which trained autoencoder (parameters and latent statistics)
     meta["autoencoder_id"] = ae.identity()
+  # The autoencoder loads (or fails: no checkpoint, no latent statistics) before the store is made.
+  devices = jax.local_devices()
+  mesh = Mesh(np.asarray(devices), ("batch",))
+  ae_params = ae.load(mesh)
   error = None
   try:   # process 0 creates the store (or checks it); then every process checks it
     if jax.process_index() == 0:
@@ -158,11 +162,8 @@ def encode(cfg: ml_collections.ConfigDict, manifest_path: str, store: str) -> di
           if i % jax.process_count() == jax.process_index() and (buckets[c.bucket].name, row) not in done]
   present = sum(1 for i in range(len(clips)) if i % jax.process_count() == jax.process_index()) - len(mine)
 
-  devices = jax.local_devices()
-  mesh = Mesh(np.asarray(devices), ("batch",))
   shard = NamedSharding(mesh, P("batch"))
   dtype = jax.numpy.dtype(cfg.encode.dtype)
-  ae_params = ae.load(mesh)
   encode_fn = jax.jit(lambda p, v: ae.encode(p, v).astype(dtype), in_shardings=(None, shard), out_shardings=shard)
   tokenizer = text.make_tokenizer(cfg)
   chunk = cfg.encode.batch_size * len(devices)

@@ -118,5 +118,5 @@ def export_run(workdir: str, output: str, step: int | None = None) -> None:
   params, step = load_params(workdir, cfg, target, step, "ema")
   finalize = tasks.get(cfg).finalize
   export(cfg, params, step, workdir, output,
-         extras=lambda folder: finalize(cfg, graphdef, params, step, folder, mesh, rules))
+         extras=lambda folder: finalize(cfg, graphdef, params, step, folder, mesh, rules, source=workdir))
   log.info("exported the EMA parameters of %s at step %d to %s", workdir, step, output)

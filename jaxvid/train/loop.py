@@ -32,7 +32,7 @@ from jaxvid.train import tasks
 log = logging.getLogger("jaxvid")
 
 
-def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> ckpt_lib.Checkpointer:
+def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str, ae) -> ckpt_lib.Checkpointer:
   """Checks that `workdir` is new or holds this model, then writes config.json.
 
   Nothing in an existing workdir is touched before the checks pass. The config.json of a
@@ -59,6 +59,7 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> ckpt_lib.Ch
   latest = checkpointer.latest_step()
   if latest is not None:
     checkpointer.check_compatible(latest, cfg)
+    autoencoder.check_record(ae, workdir)     # a resumed run stays in the latents of its VAE
   if jax.process_index() == 0:
     with open(config_path + ".tmp", "w") as f:
       f.write(config_lib.to_json(cfg))
@@ -134,7 +135,8 @@ def _describe(spec: dict) -> str:
 def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None,
           init_optimizer: bool = False) -> None:
   config_lib.validate(cfg, jax.device_count(), train=True)
-  checkpointer = prepare_workdir(cfg, workdir)
+  ae = autoencoder.make(cfg)           # the latents' autoencoder (identity: pixels)
+  checkpointer = prepare_workdir(cfg, workdir, ae)
 
   # Mesh and input.
   mesh = mesh_lib.make_mesh(cfg)
@@ -159,12 +161,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
     log.info("resumed from %s/%d", checkpointer.directory, latest)
   log.info("model: %s", task.describe(cfg, sum(x.size for x in jax.tree.leaves(abstract.params))))
   # The autoencoder's parameters (none in pixel space), on the mesh: an argument of every step.
-  ae = autoencoder.make(cfg)
-  if latest is None:
-    if jax.process_index() == 0:
-      autoencoder.record(ae, workdir)     # which VAE this run's latents come from
-  else:
-    autoencoder.check_record(ae, workdir)
+  if latest is None and jax.process_index() == 0:
+    autoencoder.record(ae, workdir)     # which VAE this run's latents come from
   ae_params = ae.load(mesh)
 
   # The step, compiled ahead of time once per bucket shape: train.steps_per_call steps in one

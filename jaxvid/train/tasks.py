@@ -38,8 +38,9 @@ class Task:
   describe: Callable
   # (cfg, graphdef, mesh, rules) -> evaluate(state) -> {name: float}, with `.every` (steps); or None
   make_evaluator: Callable = lambda cfg, graphdef, mesh, rules: None
-  # (cfg, graphdef, params, step, directory, mesh, rules): files kept beside the parameters of `step`
-  finalize: Callable = lambda cfg, graphdef, params, step, directory, mesh, rules: None
+  # (cfg, graphdef, params, step, directory, mesh, rules, source=run directory or None): files kept
+  # beside the parameters of `step` (an export passes the run it is made from)
+  finalize: Callable = lambda cfg, graphdef, params, step, directory, mesh, rules, source=None: None
   # (source cfg, cfg, graphdef) -> None, or f(params) -> params that makes the parameters (and
   # EMA) --init_from takes from a run of config `source` fit this run
   adapt_init: Callable = lambda source, cfg, graphdef: None

@@ -13,8 +13,11 @@ parameters of a step; written as LATENT_STATS beside the checkpoints at the end 
 into exports, and used by `autoencoder.name=vae` to normalize latents for the diffusion model.
 """
 
+import json
 import logging
 import math
+import os
+import shutil
 
 from flax import nnx
 import jax
@@ -141,10 +144,24 @@ def latent_statistics(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, pa
   return mean.astype(np.float32), std.astype(np.float32), clips
 
 
+def _stats_step(path: str) -> int | None:
+  with open(path) as f:
+    return json.load(f).get("step")
+
+
 def write_latent_statistics(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params, step: int,
-                            directory: str, mesh: Mesh, rules: sharding.Rules) -> None:
+                            directory: str, mesh: Mesh, rules: sharding.Rules, source: str | None = None) -> None:
   """Computes the latent statistics of `params` (the EMA parameters of `step`) and writes them
-  into `directory` (a run directory or an export being written)."""
+  into `directory` (a run directory or an export being written). Where the run `source` already
+  has them for `step`, they are copied instead: recomputed they differ in the last bits, and
+  `autoencoder.VAE.identity` (what a latent run and a latent store record) would then tell the
+  export from its run."""
+  stats = os.path.join(source or "", autoencoder.LATENT_STATS)
+  if source and os.path.isfile(stats) and _stats_step(stats) == step:
+    if jax.process_index() == 0:
+      shutil.copyfile(stats, os.path.join(directory, autoencoder.LATENT_STATS))
+    log.info("latent statistics of step %d: copied from %s", step, source)
+    return
   mean, std, clips = latent_statistics(cfg, graphdef, params, mesh, rules)
   if jax.process_index() == 0:
     autoencoder.write_latent_stats(directory, step, clips, mean, std)

@@ -277,6 +277,26 @@ def test_a_run_samples_only_through_the_vae_it_was_trained_with(latent_dit, trai
                    f"--config.autoencoder.checkpoint={other}"]) == 2
   assert "was trained in the latents of the VAE" in capsys.readouterr().err
   assert not (tmp_path / "b").exists()
+  # An export of the same VAE step is the same VAE (its latent statistics are copied, not recomputed).
+  export = tmp_path / "vae_export"
+  assert cli.main(["export", "--workdir", str(trained_vae), "--output", str(export)]) == 0
+  assert (export / autoencoder.LATENT_STATS).read_bytes() == (trained_vae / autoencoder.LATENT_STATS).read_bytes()
+  assert cli.main(["sample", "--workdir", str(latent_dit), *prompt, str(tmp_path / "c"),
+                   f"--config.autoencoder.checkpoint={export}", "--config.sample.steps=1"]) == 0
+  # Resuming the run with another VAE is refused before anything in the workdir changes.
+  run = tmp_path / "latent_run"
+  shutil.copytree(latent_dit, run)
+  before = (run / "config.json").read_bytes()
+  assert cli.main(["train", "--config", f"{TINY}:latent", "--workdir", str(run), *LATENT_SMALL,
+                   f"--config.autoencoder.checkpoint={other}", "--config.train.steps=3"]) == 2
+  assert "was trained in the latents of the VAE" in capsys.readouterr().err
+  assert (run / "config.json").read_bytes() == before
+
+
+def test_a_relative_vae_path_is_recorded_absolute(trained_vae, monkeypatch):
+  monkeypatch.chdir(trained_vae.parent)
+  cfg = config.load(f"{TINY}:latent", [*LATENT_SMALL, f"--config.autoencoder.checkpoint={trained_vae.name}"])
+  assert cfg.autoencoder.checkpoint == str(trained_vae)      # config.json then works from any directory
 
 
 def test_latent_cache_through_the_vae(trained_vae, tmp_path):
@@ -311,3 +331,9 @@ def test_latent_cache_through_the_vae(trained_vae, tmp_path):
                                                  "--config.data.source=latents", f"--config.data.store={store}"])
   with pytest.raises(Exception, match="holds latents of another vae"):
     pipeline.make_source(cfg, 0, 1, 8)
+  # A VAE that cannot load (here: no latent statistics) fails before a store is made, so the
+  # corrected command can write to the same --output.
+  (other / autoencoder.LATENT_STATS).unlink()
+  assert cli.main(["encode", "--config", f"{TINY}:latent", *common, f"--config.autoencoder.checkpoint={other}",
+                   "--manifest", str(tmp_path / "clips.jsonl"), "--output", str(tmp_path / "store2")]) == 2
+  assert not (tmp_path / "store2").exists()
