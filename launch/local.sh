@@ -15,6 +15,12 @@ if [[ $# -lt 3 ]]; then
   exit 2
 fi
 n=$1; d=$2; shift 2
+for value in "$n" "$d"; do
+  if ! [[ $value =~ ^[1-9][0-9]*$ ]]; then
+    echo "launch/local.sh: error: NUM_PROCESSES and DEVICES_PER_PROCESS must be whole numbers >= 1, got '$n' and '$d'" >&2
+    exit 2
+  fi
+done
 logs=${JAXVID_LOG_DIR:-$(mktemp -d -t jaxvid-local-XXXXXX)}
 mkdir -p "$logs"
 port=${JAXVID_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}

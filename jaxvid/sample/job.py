@@ -44,6 +44,7 @@ from jaxvid.sample import writer
 from jaxvid.sample.items import Item
 from jaxvid.train import checkpoint as ckpt_lib
 from jaxvid.train import export as export_lib
+from jaxvid.train import preemption
 from jaxvid.train import state as state_lib
 
 log = logging.getLogger("jaxvid")
@@ -201,38 +202,42 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
   bar = tqdm.tqdm(total=len(todo), desc="sample", unit="video", dynamic_ncols=True,
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} videos "
                              "[{elapsed}<{remaining}{postfix}]", disable=jax.process_index() != 0)
-  for lanes_of_round in rounds:
-    rows = {}   # row -> (known, mask, strength) of the rows this process holds, built once each
+  with preemption.StopRequest("finishing this round of videos, then exiting") as stop:
+    for count, lanes_of_round in enumerate(rounds):
+      rows = {}   # row -> (known, mask, strength) of the rows this process holds, built once each
 
-    def row_inputs(j):
-      if j not in rows:
-        rows[j] = _row_inputs(lanes_of_round[j], todo, works, failed, cfg)
-      return rows[j]
+      def row_inputs(j):
+        if j not in rows:
+          rows[j] = _row_inputs(lanes_of_round[j], todo, works, failed, cfg)
+        return rows[j]
 
-    batch = _batch(lanes_of_round, todo, tokenizer, row_inputs, shapes, batch_shardings)
-    videos = generate(params, ae_params, batch)
-    error = None
-    try:
-      status = _take(videos, lanes_of_round, todo, counts, works, failed,
-                     lambda i, frames: folder.write_files(todo[i].id, frames, v.fps, record(todo[i], counts[i])))
-    except Exception as e:   # noqa: BLE001 -- stop every process together, not this one alone
-      error, status = e, np.full(lanes, _CRASHED, np.int32)
-    status = distributed.max_over_processes(status)   # what every process wrote; a barrier
-    if error is not None:
-      raise error
-    if np.any(status == _CRASHED):
-      raise RuntimeError("another process of the job stopped with an error (its log says which)")
-    written = [e[0] for j, e in enumerate(lanes_of_round) if status[j] == _WRITTEN]
-    if jax.process_index() == 0 and written:
-      folder.add_to_manifest([(todo[i].id, record(todo[i], counts[i])) for i in written])
-      if time.time() - gallery_time > GALLERY_EVERY_S:
-        folder.write_gallery()
-        gallery_time = time.time()
-    failures += int(np.sum(status == _FAILED))
-    finished += int(np.sum(status > 0))
-    minutes = (time.time() - start_time) / 60
-    bar.set_postfix_str(f"{finished / max(minutes, 1e-9):.1f} videos/min", refresh=False)
-    bar.update(int(np.sum(status > 0)))
+      batch = _batch(lanes_of_round, todo, tokenizer, row_inputs, shapes, batch_shardings)
+      videos = generate(params, ae_params, batch)
+      error = None
+      try:
+        status = _take(videos, lanes_of_round, todo, counts, works, failed,
+                       lambda i, frames: folder.write_files(todo[i].id, frames, v.fps, record(todo[i], counts[i])))
+      except Exception as e:   # noqa: BLE001 -- stop every process together, not this one alone
+        error, status = e, np.full(lanes, _CRASHED, np.int32)
+      status = distributed.max_over_processes(status)   # what every process wrote; a barrier
+      if error is not None:
+        raise error
+      if np.any(status == _CRASHED):
+        raise RuntimeError("another process of the job stopped with an error (its log says which)")
+      written = [e[0] for j, e in enumerate(lanes_of_round) if status[j] == _WRITTEN]
+      if jax.process_index() == 0 and written:
+        folder.add_to_manifest([(todo[i].id, record(todo[i], counts[i])) for i in written])
+        if time.time() - gallery_time > GALLERY_EVERY_S:
+          folder.write_gallery()
+          gallery_time = time.time()
+      failures += int(np.sum(status == _FAILED))
+      finished += int(np.sum(status > 0))
+      minutes = (time.time() - start_time) / 60
+      bar.set_postfix_str(f"{finished / max(minutes, 1e-9):.1f} videos/min", refresh=False)
+      bar.update(int(np.sum(status > 0)))
+      if stop.should_stop(count):
+        log.warning("stopped after %d of %d videos: rerun the same command to sample the rest", finished, len(todo))
+        break
   bar.close()
   if jax.process_index() == 0:
     folder.write_gallery()

@@ -10,6 +10,7 @@ step to a temporary folder and renames it when complete, so an interrupted save 
 picked for resume.
 """
 
+import glob
 import json
 import logging
 import os
@@ -58,6 +59,24 @@ _register_array_handler()
 def with_shardings(abstract, shardings):
   """ShapeDtypeStructs that carry their target sharding, for restoring in place."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _shared_data_state(data_dir: str) -> dict:
+  """The data iterator state that every process of the run that wrote `data_dir` saved: the
+  position in the sequence of global batches, which does not depend on the process count (each
+  process reads its own block of every global batch). UserError if they differ."""
+  files = sorted(glob.glob(os.path.join(data_dir, "process_*-of-*.json")))
+  if not files:
+    raise UserError(f"{data_dir} holds no data iterator state; resume from another checkpoint or start a new run")
+  states = set()
+  for path in files:
+    with open(path) as f:
+      states.add(f.read().strip())
+  if len(states) != 1:
+    raise UserError(f"{data_dir}: the {len(files)} processes that wrote it saved different data positions; "
+                    f"resume with {len(files)} processes")
+  log.info("data position from a checkpoint of %d processes, resumed by %d", len(files), jax.process_count())
+  return json.loads(states.pop())
 
 
 class Checkpointer:
@@ -124,14 +143,22 @@ class Checkpointer:
                       "use a new --workdir or the same model config")
 
   def restore(self, step: int, abstract_state, data_iterator=None):
-    """Restores the state (and the data iterator, if given) saved at `step`."""
+    """Restores the state (and the data iterator, if given) saved at `step`. The iterator's
+    state is saved per process (grain); a run resumed with another process count takes the
+    position they all share (see `_shared_data_state`)."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
+    data_dir = os.path.join(self.directory, str(step), "data")
+    own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    shared = data_iterator is not None and not os.path.isfile(own)
+    if data_iterator is not None and not shared:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+      state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise UserError(f"checkpoint {self.directory}/{step} does not match this model: {e}") from e
+    if shared:
+      data_iterator.set_state(_shared_data_state(data_dir))
+    return state
 
   def restore_params(self, step: int, abstract_params, which: str = "ema"):
     """Restores only `which` ("ema" or "params") of the state at `step`, in place."""

@@ -110,13 +110,18 @@ def export_run(workdir: str, output: str, step: int | None = None) -> None:
     cfg = config_lib.from_json(f.read())
   if os.path.exists(output):
     raise UserError(f"--output {output} already exists; choose a new path (nothing was overwritten)")
-  config_lib.validate(cfg, jax.device_count())
-  mesh = mesh_lib.make_mesh(cfg)
-  rules = sharding.rules_from_config(cfg)
+  # Read on the devices present, whatever mesh the run trained on (a checkpoint restores onto
+  # any mesh): every device holds the parameters whole. The export keeps the run's config.
+  here = config_lib.from_json(config_lib.to_json(cfg))
+  here.mesh.update({a: 1 for a in here.mesh})
+  here.mesh.data = -1
+  config_lib.validate(here, jax.device_count())
+  mesh = mesh_lib.make_mesh(here)
+  rules = sharding.rules_from_config(here)
   graphdef, abstract = state_lib.abstract_model(cfg)
   target = ckpt_lib.with_shardings(abstract, state_lib.param_shardings(abstract, mesh, rules))
   params, step = load_params(workdir, cfg, target, step, "ema")
   finalize = tasks.get(cfg).finalize
   export(cfg, params, step, workdir, output,
-         extras=lambda folder: finalize(cfg, graphdef, params, step, folder, mesh, rules, source=workdir))
+         extras=lambda folder: finalize(here, graphdef, params, step, folder, mesh, rules, source=workdir))
   log.info("exported the EMA parameters of %s at step %d to %s", workdir, step, output)

@@ -1,6 +1,7 @@
 """Stopping cleanly: SIGTERM (cloud preemption, `kill`), Ctrl-C, or JAX's multi-host
 preemption notice become a request to save a checkpoint at the next step boundary (the end of
-the call with train.steps_per_call > 1) and exit 0.
+the call with train.steps_per_call > 1) and exit 0; in `jaxvid sample`, to stop after the
+current round of videos (each finished video is already on disk and in the manifest).
 
 A second Ctrl-C stops at once (the last complete checkpoint is still there).
 """
@@ -16,10 +17,12 @@ log = logging.getLogger("jaxvid")
 
 
 class StopRequest:
-  """Installs handlers for SIGTERM and SIGINT while in a `with` block."""
+  """Installs handlers for SIGTERM and SIGINT while in a `with` block; `action` is what the
+  job does on a first signal (for the log line)."""
 
-  def __init__(self):
+  def __init__(self, action: str = "saving a checkpoint at the end of this step (or call of steps), then exiting"):
     self.signal = None
+    self.action = action
     self._previous = {}
 
   def __enter__(self) -> "StopRequest":
@@ -35,8 +38,7 @@ class StopRequest:
     if self.signal == signal.SIGINT and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.signal = signum
-    log.warning("received %s: saving a checkpoint at the end of this step (or call of steps), then exiting",
-                signal.Signals(signum).name)
+    log.warning("received %s: %s", signal.Signals(signum).name, self.action)
 
   def should_stop(self, count: int) -> bool:
     """True on every process at the same point once any process was asked to stop. `count`

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import COMPILE_FLAGS, SMALL, TINY, run_local
+from conftest import COMPILE_FLAGS, REPO, SMALL, TINY, run_local
 
 pytestmark = pytest.mark.multiprocess
 
@@ -27,6 +27,15 @@ def _free_port():
   port = s.getsockname()[1]
   s.close()
   return port
+
+
+@pytest.mark.parametrize("counts", [("0", "2"), ("-1", "2"), ("abc", "2"), ("2", "0"), ("1", "2x")])
+def test_bad_process_or_device_counts_are_one_line_and_exit_2(counts):
+  r = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), *counts, "true"], capture_output=True,
+                     text=True, timeout=60)
+  assert r.returncode == 2 and r.stdout == "", r
+  assert r.stderr.strip().splitlines() == [f"launch/local.sh: error: NUM_PROCESSES and DEVICES_PER_PROCESS must be "
+                                           f"whole numbers >= 1, got '{counts[0]}' and '{counts[1]}'"]
 
 
 def test_unreachable_coordinator_is_a_clear_error(tmp_path):

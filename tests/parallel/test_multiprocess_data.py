@@ -4,6 +4,7 @@ batch of files, and training equals one process."""
 
 import json
 import os
+import shutil
 
 import imageio.v3 as iio
 import pytest
@@ -69,3 +70,13 @@ def test_two_processes_train_on_files_like_one(tmp_path):
   two, one = _metrics(workdir), _metrics(tmp_path / "one_files")
   assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
   assert [r["data/skipped"] for r in two] == [r["data/skipped"] for r in one] == [1, 1, 1, 1]   # gone.mp4
+  # The two processes' checkpoint of step 2, resumed by one process: the same data position
+  # (restarting the data would give steps 3 and 4 other batches, and other losses).
+  resumed = tmp_path / "resumed_by_one"
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "4")
+  assert sorted(os.listdir(resumed / "checkpoints" / "2" / "data")) == [
+      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  assert train_small(resumed, *RUN[len(SMALL):], *files) == 0
+  assert [r["step"] for r in _metrics(resumed)] == [1, 2, 3, 4]
+  assert [r["loss"] for r in _metrics(resumed)] == pytest.approx([r["loss"] for r in one], rel=1e-5)

@@ -238,6 +238,19 @@ def test_a_killed_job_resumes_and_writes_each_item_once(trained_run, tmp_path):
   before = {json.loads(line)["id"] for line in manifest.read_text().splitlines()}
   assert 4 <= len(before) < 40, len(before)
   mtimes = {i: os.stat(out / f"{i}.mp4").st_mtime_ns for i in before}
+  # SIGTERM (a preemption, or Ctrl-C's SIGINT): the round in progress is finished and written, then exit 0.
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  while time.time() < deadline and proc.poll() is None:
+    if len(manifest.read_text().splitlines()) >= len(before) + 2:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "received SIGTERM: finishing this round of videos" in err, err
+  assert "rerun the same command to sample the rest" in err, err
+  stopped = [json.loads(line)["id"] for line in manifest.read_text().splitlines()]
+  assert len(stopped) < 40 and len(set(stopped)) == len(stopped), len(stopped)
+  assert not [f for f in os.listdir(out) if ".tmp-" in f]
   assert subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, timeout=300).returncode == 0
   ids = [json.loads(line)["id"] for line in manifest.read_text().splitlines()]
   assert sorted(ids) == [f"{i:05d}" for i in range(40)]                # each item once

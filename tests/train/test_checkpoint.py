@@ -189,6 +189,19 @@ def test_export_samples_the_same_video_as_its_run(trained_run, tmp_path, capsys)
   np.testing.assert_array_equal(writer.read_mp4(tmp_path / "a" / f"{name}.mp4"),
                                 writer.read_mp4(tmp_path / "b" / f"{name}.mp4"))
   assert json.load(open(tmp_path / "b" / f"{name}.json"))["checkpoint_step"] == 4
+  # A run of another device count (here: its config says 4 devices, 8 are present) exports on
+  # the devices present, to the same parameters, keeping the run's config.
+  other = tmp_path / "run_on_4"
+  shutil.copytree(trained_run, other)
+  cfg = json.loads((other / "config.json").read_text())
+  cfg["mesh"].update(data=2, fsdp=2)
+  (other / "config.json").write_text(json.dumps(cfg))
+  assert cli.main(["export", "--workdir", str(other), "--output", str(tmp_path / "export4")]) == 0
+  assert json.loads((tmp_path / "export4" / "config.json").read_text())["mesh"]["fsdp"] == 2
+  assert cli.main(["sample", "--workdir", str(tmp_path / "export4"), "--output", str(tmp_path / "d"), *args,
+                   "--config.mesh.fsdp=1", "--config.mesh.data=-1"]) == 0
+  np.testing.assert_array_equal(writer.read_mp4(tmp_path / "b" / f"{name}.mp4"),
+                                writer.read_mp4(tmp_path / "d" / f"{name}.mp4"))
   # An export holds the EMA weights only: asking for the raw parameters is refused, not ignored.
   assert cli.main(["sample", "--workdir", str(exported), "--output", str(tmp_path / "c"), *args,
                    "--config.sample.use_ema=false"]) == 2
