@@ -397,7 +397,7 @@ def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:
     raise UserError(f"model.heads={m.heads} is not divisible by mesh.tensor={sizes['tensor']}")
   if num_tokens(cfg) % sizes["sequence"]:
     raise UserError(f"{num_tokens(cfg)} tokens per clip are not divisible by mesh.sequence={sizes['sequence']}")
-  for frames, height, width, _ in buckets(cfg, batch_shards):
+  for frames, height, width, _ in buckets(cfg, batch_shards if train else 1):   # batches split only in training
     if num_tokens(cfg, (frames, height, width)) % sizes["sequence"]:
       raise UserError(f"data.buckets entry {frames}x{height}x{width}: {num_tokens(cfg, (frames, height, width))} "
                       f"tokens per clip are not divisible by mesh.sequence={sizes['sequence']}")

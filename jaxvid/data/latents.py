@@ -298,12 +298,8 @@ def _open_batches(cfg, batch_shards, process_index, process_count):
   samples = read_index(store)
   if not samples:
     raise UserError(f"{store} has no encoded samples; run jaxvid encode first")
-  clips = sum(b["rows"] for b in meta["buckets"])
-  if len(samples) < clips:
-    log.warning("%s holds %d of its manifest's %d clips: the others were unreadable, or jaxvid encode was "
-                "stopped (rerun it to finish); training on the %d", store, len(samples), clips, len(samples))
-  else:
-    log.info("%s: %d encoded clips", store, len(samples))
+  log.info("%s holds %d of the %d clips its manifest gave (clips that fail to decode stay out; if jaxvid encode "
+           "was stopped, rerunning it writes the rest)", store, len(samples), sum(b["rows"] for b in meta["buckets"]))
   digest = hashlib.sha256(json.dumps([(s["bucket"], s["row"]) for s in samples]).encode()).hexdigest()
   distributed.check_same(digest, f"see other samples in {store} than process 0 (is an encode still writing "
                          "it?); train once the store is complete")

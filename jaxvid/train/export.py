@@ -115,13 +115,13 @@ def export_run(workdir: str, output: str, step: int | None = None) -> None:
   here = config_lib.from_json(config_lib.to_json(cfg))
   here.mesh.update({a: 1 for a in here.mesh})
   here.mesh.data = -1
-  config_lib.validate(here, jax.device_count())
-  mesh = mesh_lib.make_mesh(here)
+  mesh = mesh_lib.make_mesh(here)     # no batch checks: nothing here is split by batch
   rules = sharding.rules_from_config(here)
   graphdef, abstract = state_lib.abstract_model(cfg)
   target = ckpt_lib.with_shardings(abstract, state_lib.param_shardings(abstract, mesh, rules))
   params, step = load_params(workdir, cfg, target, step, "ema")
   finalize = tasks.get(cfg).finalize
+  cfg.sample.use_ema = True      # what an export holds (a run may have sampled its raw parameters)
   export(cfg, params, step, workdir, output,
          extras=lambda folder: finalize(here, graphdef, params, step, folder, mesh, rules, source=workdir))
   log.info("exported the EMA parameters of %s at step %d to %s", workdir, step, output)

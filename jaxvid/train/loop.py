@@ -36,10 +36,13 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str, ae) -> ckpt_li
   """Checks that `workdir` is new or holds this model, then writes config.json.
 
   Nothing in an existing workdir is touched before the checks pass. The config.json of a
-  different model is replaced only where no step was ever logged or saved (a start that failed).
+  different model is replaced only where a start failed before its first step.
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} exists and is not a directory")
+  if export_lib.is_export(workdir):
+    raise UserError(f"--workdir {workdir} is an export; train in a new --workdir (--init_from {workdir} "
+                    "starts from its parameters)")
   config_path = os.path.join(workdir, "config.json")
   if os.path.exists(config_path):
     with open(config_path) as f:
@@ -48,7 +51,7 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str, ae) -> ckpt_li
       except (ValueError, UserError) as e:
         raise UserError(f"{config_path} is not a jaxvid config ({e}); use a new --workdir") from e
     if config_lib.model_hash(saved) != config_lib.model_hash(cfg):
-      if _holds_a_run(workdir):
+      if not _left_by_a_failed_start(workdir):
         raise UserError(f"{workdir} holds a run of a different model ({config_lib.model_diffs(saved, cfg)}); "
                         "use a new --workdir or the same model config")
       log.warning("%s: config.json of a run that never logged or saved a step (%s); replacing it",
@@ -67,12 +70,20 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str, ae) -> ckpt_li
   return checkpointer
 
 
-def _holds_a_run(workdir: str) -> bool:
-  """Whether `workdir` has a checkpoint folder with anything in it or a logged step: what a start
-  that failed before its first step (bad --init_from, bad data) does not leave."""
-  checkpoints, metrics = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "metrics.jsonl")
-  return ((os.path.isdir(checkpoints) and bool(os.listdir(checkpoints)))
-          or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0))
+def _left_by_a_failed_start(workdir: str) -> bool:
+  """Whether `workdir` holds only what a start that failed before its first step (a bad
+  --init_from, bad data) leaves: config.json, an empty checkpoints/ and metrics.jsonl, the
+  autoencoder record, TensorBoard's folder."""
+  for name in os.listdir(workdir):
+    path = os.path.join(workdir, name)
+    if name in ("config.json", autoencoder.RECORD, "tensorboard"):
+      continue
+    if name == "checkpoints" and os.path.isdir(path) and not os.listdir(path):
+      continue
+    if name == "metrics.jsonl" and os.path.isfile(path) and os.path.getsize(path) == 0:
+      continue
+    return False
+  return True
 
 
 def init_from_run(state: state_lib.TrainState, path: str, cfg: ml_collections.ConfigDict, graphdef, abstract,

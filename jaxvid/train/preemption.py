@@ -3,17 +3,24 @@ preemption notice become a request to save a checkpoint at the next step boundar
 the call with train.steps_per_call > 1) and exit 0; in `jaxvid sample`, to stop after the
 current round of videos (each finished video is already on disk and in the manifest).
 
-A second Ctrl-C stops at once (the last complete checkpoint is still there).
+A second Ctrl-C (a second or more after the first) stops at once (the last complete checkpoint is
+still there).
 """
 
 import logging
 import signal
+import time
 
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
 log = logging.getLogger("jaxvid")
+
+
+# A second SIGINT this soon after the first is the same Ctrl-C: a terminal sends it to every process
+# of its foreground group, and launch/local.sh forwards it to its processes too.
+REPEAT_S = 1.0
 
 
 class StopRequest:
@@ -24,6 +31,7 @@ class StopRequest:
     self.signal = None
     self.action = action
     self._previous = {}
+    self._when = 0.0
 
   def __enter__(self) -> "StopRequest":
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -36,8 +44,10 @@ class StopRequest:
 
   def _handle(self, signum, frame) -> None:
     if self.signal == signal.SIGINT and signum == signal.SIGINT:
+      if time.monotonic() - self._when < REPEAT_S:
+        return      # the same Ctrl-C twice: from the terminal and forwarded by launch/local.sh
       raise KeyboardInterrupt
-    self.signal = signum
+    self.signal, self._when = signum, time.monotonic()
     log.warning("received %s: %s", signal.Signals(signum).name, self.action)
 
   def should_stop(self, count: int) -> bool:

@@ -189,17 +189,21 @@ def test_export_samples_the_same_video_as_its_run(trained_run, tmp_path, capsys)
   np.testing.assert_array_equal(writer.read_mp4(tmp_path / "a" / f"{name}.mp4"),
                                 writer.read_mp4(tmp_path / "b" / f"{name}.mp4"))
   assert json.load(open(tmp_path / "b" / f"{name}.json"))["checkpoint_step"] == 4
-  # A run of another device count (here: its config says 4 devices, 8 are present) exports on
-  # the devices present, to the same parameters, keeping the run's config.
+  # A run of another device count and mesh (here: its config says 4 devices, tensor-parallel, a
+  # batch of 4; 8 are present) exports on the devices present, to the same parameters, keeping
+  # the run's config but for sample.use_ema (an export holds the EMA weights).
   other = tmp_path / "run_on_4"
   shutil.copytree(trained_run, other)
   cfg = json.loads((other / "config.json").read_text())
-  cfg["mesh"].update(data=2, fsdp=2)
+  cfg["mesh"].update(data=2, tensor=2)
+  cfg["train"]["batch_size"] = 4
+  cfg["sample"]["use_ema"] = False
   (other / "config.json").write_text(json.dumps(cfg))
   assert cli.main(["export", "--workdir", str(other), "--output", str(tmp_path / "export4")]) == 0
-  assert json.loads((tmp_path / "export4" / "config.json").read_text())["mesh"]["fsdp"] == 2
+  exported_cfg = json.loads((tmp_path / "export4" / "config.json").read_text())
+  assert exported_cfg["mesh"]["tensor"] == 2 and exported_cfg["sample"]["use_ema"] is True
   assert cli.main(["sample", "--workdir", str(tmp_path / "export4"), "--output", str(tmp_path / "d"), *args,
-                   "--config.mesh.fsdp=1", "--config.mesh.data=-1"]) == 0
+                   "--config.mesh.tensor=1", "--config.mesh.data=-1"]) == 0
   np.testing.assert_array_equal(writer.read_mp4(tmp_path / "b" / f"{name}.mp4"),
                                 writer.read_mp4(tmp_path / "d" / f"{name}.mp4"))
   # An export holds the EMA weights only: asking for the raw parameters is refused, not ignored.
@@ -223,13 +227,13 @@ def test_init_from_takes_parameters_and_optionally_the_optimizer(trained_run, tm
   export = tmp_path / "export"
   assert cli.main(["export", "--workdir", str(trained_run), "--output", str(export)]) == 0
   for name, path, flags in (("params", trained_run, []), ("opt", trained_run, ["--init_optimizer"]),
-                            ("export", export, [])):
+                            ("from_export", export, [])):
     workdir = tmp_path / name
     assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), *SMALL, "--config.train.steps=1",
                      "--config.optim.lr=0.0", "--init_from", str(path), *flags]) == 0
     state, _ = _restore(workdir, 1)
     assert int(state.step) == 1
-    expected = source.ema if name == "export" else source.params      # an export holds the EMA weights
+    expected = source.ema if name == "from_export" else source.params      # an export holds the EMA weights
     for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(state.params)):   # lr 0: unchanged
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # Adam's moments (and their count) come along with --init_optimizer; the learning-rate
@@ -245,6 +249,12 @@ def test_init_from_another_model_is_refused_and_the_workdir_stays_usable(trained
   # The failed start wrote its config.json but never a step: the corrected command runs there.
   assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), *SMALL, "--config.train.steps=1",
                    "--init_from", str(trained_run)]) == 0
+  # An export is never a workdir (training would write into it).
+  exported = tmp_path / "export"
+  assert cli.main(["export", "--workdir", str(trained_run), "--output", str(exported)]) == 0
+  before = sorted(os.listdir(exported))
+  assert cli.main(["train", "--config", TINY, "--workdir", str(exported), *SMALL, "--config.train.steps=1"]) == 2
+  assert "is an export; train in a new --workdir" in capsys.readouterr().err and sorted(os.listdir(exported)) == before
   # A run that did save a step is another matter.
   assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), *SMALL, "--config.train.steps=1",
                    "--config.model.width=64"]) == 2
