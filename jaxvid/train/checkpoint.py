@@ -158,6 +158,7 @@ class Checkpointer:
       raise UserError(f"checkpoint {self.directory}/{step} does not match this model: {e}") from e
     if shared:
       data_iterator.set_state(_shared_data_state(data_dir))
+      data_iterator.start_prefetch()        # as grain's own restore does
     return state
 
   def restore_params(self, step: int, abstract_params, which: str = "ema"):
