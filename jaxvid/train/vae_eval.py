@@ -13,7 +13,6 @@ parameters of a step; written as LATENT_STATS beside the checkpoints at the end 
 into exports, and used by `autoencoder.name=vae` to normalize latents for the diffusion model.
 """
 
-import json
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ from jaxvid.data import buckets as bucket_lib
 from jaxvid.data import pipeline
 from jaxvid.data import synthetic
 from jaxvid.data import video_files
+from jaxvid.errors import UserError
 from jaxvid.models import autoencoder
 from jaxvid.models import vae as vae_lib
 from jaxvid.parallel import mesh as mesh_lib
@@ -144,9 +144,12 @@ def latent_statistics(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, pa
   return mean.astype(np.float32), std.astype(np.float32), clips
 
 
-def _stats_step(path: str) -> int | None:
-  with open(path) as f:
-    return json.load(f).get("step")
+def _has_latent_stats(directory: str, step: int) -> bool:
+  try:
+    autoencoder.read_latent_stats(directory, step)
+  except UserError:
+    return False
+  return True
 
 
 def write_latent_statistics(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params, step: int,
@@ -156,10 +159,9 @@ def write_latent_statistics(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphD
   has them for `step`, they are copied instead: recomputed they differ in the last bits, and
   `autoencoder.VAE.identity` (what a latent run and a latent store record) would then tell the
   export from its run."""
-  stats = os.path.join(source or "", autoencoder.LATENT_STATS)
-  if source and os.path.isfile(stats) and _stats_step(stats) == step:
+  if source and _has_latent_stats(source, step):
     if jax.process_index() == 0:
-      shutil.copyfile(stats, os.path.join(directory, autoencoder.LATENT_STATS))
+      shutil.copyfile(os.path.join(source, autoencoder.LATENT_STATS), os.path.join(directory, autoencoder.LATENT_STATS))
     log.info("latent statistics of step %d: copied from %s", step, source)
     return
   mean, std, clips = latent_statistics(cfg, graphdef, params, mesh, rules)
