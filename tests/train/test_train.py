@@ -110,6 +110,11 @@ def test_a_call_of_steps_is_those_steps_one_by_one():
   copy = lambda: jax.tree.map(jnp.copy, run.state)
   state, m1 = run.step(copy(), batches[0], {})
   state, m2 = run.step(state, batches[1], {})
+  # Finished before the next call: on simulated CPU devices, two programs with collectives that
+  # run at once can take all of XLA's threads (8 here, one per device) waiting in their
+  # all-reduces, and hang until XLA aborts the process (40 s). A run only ever has one in flight:
+  # each step takes the state of the step before.
+  jax.block_until_ready(state)
   state2, m = two(copy(), batches, {})
   assert int(m1["data/skipped"]) + int(m2["data/skipped"]) == int(m["data/skipped"]) == 3
   assert int(state2.step) == int(state.step) == 2
