@@ -20,7 +20,7 @@ image is white (>= 128) where the video is regenerated, the size of the video's 
 the model's; BOXES is a list of [x0, y0, x1, y1] or [x0, y0, x1, y1, f0, f1] in pixels of the
 model's frame, with the frames [f0, f1) they cover (default: all).
 
-A line that cannot be used (bad JSON, a missing prompt, a missing or unreadable media file, a
+A line that cannot be used (bad JSON, a missing or empty prompt, a missing or unreadable media file, a
 clip too short for its mode, a mask of the wrong size, a strength outside [0, 1], ...) is a
 problem naming the file, line and item: by default it is logged and skipped; with `strict`
 the job stops before any work.
@@ -130,6 +130,9 @@ def read_prompts(path: str, cfg: ml_collections.ConfigDict, strict: bool = False
         continue
       if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
         problems.append((n, 'each line needs a "prompt" string'))
+        continue
+      if not row["prompt"].strip():    # as --prompt: an empty one is a mistake, not a request
+        problems.append((n, '"prompt" is empty; give the text of the video to generate'))
         continue
     else:
       row = {"prompt": line.strip()}

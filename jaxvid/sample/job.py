@@ -235,7 +235,7 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
       minutes = (time.time() - start_time) / 60
       bar.set_postfix_str(f"{finished / max(minutes, 1e-9):.1f} videos/min", refresh=False)
       bar.update(int(np.sum(status > 0)))
-      if stop.should_stop(count):
+      if count + 1 < len(rounds) and stop.should_stop(count):    # after the last round, it is done
         log.warning("stopped after %d of %d videos: rerun the same command to sample the rest", finished, len(todo))
         break
   bar.close()

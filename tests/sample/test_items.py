@@ -92,6 +92,7 @@ PROBLEMS = [
     ({"prompt": "a", "video": "notes.txt", "strength": 0.5}, "notes.txt: not a readable video"),
     ({"prompt": "a", "video": "still.png", "extend": 3}, 'is an image; use "image"'),
     ({"prompt": "a", "image": "clip.mp4"}, "is not an image file"),
+    ({"prompt": " "}, '"prompt" is empty; give the text of the video to generate'),
     ({"prompt": "a", "video": "short.mp4", "strength": 0.5}, "has 2 frames at video.fps=8; restyle needs at least 4"),
     ({"prompt": "a", "video": "clip.mp4", "mask": "mask10.png"}, "mask .*mask10.png is 10x10; it must be the video's "
                                                                  "size 32x24 or the model's 16x16"),

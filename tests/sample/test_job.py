@@ -258,6 +258,21 @@ def test_a_killed_job_resumes_and_writes_each_item_once(trained_run, tmp_path):
   assert not [f for f in os.listdir(out) if ".tmp-" in f]
 
 
+def test_a_stop_asked_in_the_last_round_is_a_finished_job(trained_run, tmp_path, capsys, monkeypatch):
+  write = writer.OutputFolder.write_files
+
+  def write_then_signal(self, *args, **kwargs):    # SIGTERM while the only round's video is written
+    os.kill(os.getpid(), signal.SIGTERM)
+    return write(self, *args, **kwargs)
+
+  monkeypatch.setattr(writer.OutputFolder, "write_files", write_then_signal)
+  assert _sample(trained_run, tmp_path / "out", "--prompt", "last") == 0
+  err = capsys.readouterr().err
+  assert "received SIGTERM: finishing this round of videos" in err and "sampled 1 videos" in err, err
+  assert "stopped after" not in err and "rerun the same command" not in err, err
+  assert [f for f in os.listdir(tmp_path / "out") if f.endswith(".mp4")] == ["last-0.mp4"]
+
+
 def test_an_item_whose_media_fails_to_decode_is_reported_and_the_rest_are_written(trained_run, tmp_path, capsys):
   # +faststart: the header (moov) comes first, so the file probes as a 4 s clip; its frames are cut off.
   writer.write_mp4(tmp_path / "cut.mp4", np.random.default_rng(0).integers(0, 255, (32, 16, 16, 3), np.uint8), fps=8)
