@@ -158,7 +158,9 @@ def run(argv: list[str]) -> int | None:
     if overrides:
       raise UserError("jaxvid export takes no --config overrides")
     from jaxvid.train import export
-    export.export_run(args.workdir, args.output, args.step)
+    cfg = export.run_config(args.workdir)
+    distributed.initialize(cfg)
+    export.export_run(cfg, args.workdir, args.output, args.step)
 
 
 def _register_stack_dump() -> None:

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from jaxvid import config as config_lib
 from jaxvid.errors import UserError
 from jaxvid.models import autoencoder
+from jaxvid.parallel import distributed
 from jaxvid.parallel import mesh as mesh_lib
 from jaxvid.parallel import sharding
 from jaxvid.train import checkpoint as ckpt_lib
@@ -40,24 +41,33 @@ def is_export(path: str) -> bool:
 def export(cfg: ml_collections.ConfigDict, params, step: int, source: str, output: str, extras=None) -> None:
   """Writes `params` (EMA, as restored from `source` at `step`) to a new folder `output`;
   `extras(folder)`, run on every process before the folder is complete, adds files to it."""
-  if os.path.exists(output):
-    raise UserError(f"--output {output} already exists; choose a new path (nothing was overwritten)")
   tmp = output.rstrip("/") + ".partial"
-  if os.path.exists(tmp):
-    raise UserError(f"{tmp} exists (an interrupted export?); remove it or choose another --output")
-  os.makedirs(tmp)
+  error = None
+  if jax.process_index() == 0:     # one process makes the folder; the others wait for it
+    if os.path.exists(output):
+      error = UserError(f"--output {output} already exists; choose a new path (nothing was overwritten)")
+    elif os.path.exists(tmp):
+      error = UserError(f"{tmp} exists (an interrupted export?); remove it or choose another --output")
+    else:
+      os.makedirs(tmp)
+  distributed.fail_together(error)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.abspath(os.path.join(tmp, "params")), params)
   if extras is not None:
     extras(tmp)
+  error = None
   if jax.process_index() == 0:
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      f.write(config_lib.to_json(cfg))
-    if os.path.isfile(os.path.join(source, autoencoder.RECORD)):   # the VAE it needs, checked at sampling
-      shutil.copy(os.path.join(source, autoencoder.RECORD), os.path.join(tmp, autoencoder.RECORD))
-    with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
-      json.dump({"step": step, "model_hash": config_lib.model_hash(cfg), "source": os.path.abspath(source)}, f)
-    os.replace(tmp, output)
+    try:
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        f.write(config_lib.to_json(cfg))
+      if os.path.isfile(os.path.join(source, autoencoder.RECORD)):   # the VAE it needs, checked at sampling
+        shutil.copy(os.path.join(source, autoencoder.RECORD), os.path.join(tmp, autoencoder.RECORD))
+      with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
+        json.dump({"step": step, "model_hash": config_lib.model_hash(cfg), "source": os.path.abspath(source)}, f)
+      os.replace(tmp, output)
+    except OSError as e:
+      error = e
+  distributed.fail_together(error)   # every process ends once the export is complete
 
 
 def restore(path: str, cfg: ml_collections.ConfigDict, abstract_params) -> tuple[object, int]:
@@ -99,19 +109,25 @@ def load_params(path: str, cfg: ml_collections.ConfigDict, abstract_params, step
     checkpointer.close()
 
 
-def export_run(workdir: str, output: str, step: int | None = None) -> None:
-  """`jaxvid export`: the EMA parameters of `workdir` at `step` (default latest) to `output`."""
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config of the run `jaxvid export` reads (UserError if `workdir` is not a run)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise UserError(f"{path} not found; --workdir must be a directory written by `jaxvid train`")
   if is_export(workdir):
     raise UserError(f"{workdir} is already an export")
   with open(path) as f:
-    cfg = config_lib.from_json(f.read())
+    return config_lib.from_json(f.read())
+
+
+def export_run(cfg: ml_collections.ConfigDict, workdir: str, output: str, step: int | None = None) -> None:
+  """`jaxvid export`: the EMA parameters of the run `workdir` (config `cfg`, see `run_config`)
+  at `step` (default latest) to `output`. In a multi-process job every process takes part, on
+  the devices of all of them; process 0 writes the files beside the parameters."""
   if os.path.exists(output):
     raise UserError(f"--output {output} already exists; choose a new path (nothing was overwritten)")
-  # Read on the devices present, whatever mesh the run trained on (a checkpoint restores onto
-  # any mesh): every device holds the parameters whole. The export keeps the run's config.
+  # Read on every device of the job, whatever mesh the run trained on (a checkpoint restores
+  # onto any mesh): every device holds the parameters whole. The export keeps the run's config.
   here = config_lib.from_json(config_lib.to_json(cfg))
   here.mesh.update({a: 1 for a in here.mesh})
   here.mesh.data = -1

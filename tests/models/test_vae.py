@@ -265,7 +265,7 @@ def test_trained_vae_loads_and_its_latents_are_normalized(trained_vae):
 
 
 def test_export_round_trip_gives_the_same_autoencoder(trained_vae, tmp_path):
-  export_lib.export_run(str(trained_vae), str(tmp_path / "export"))
+  export_lib.export_run(export_lib.run_config(str(trained_vae)), str(trained_vae), str(tmp_path / "export"))
   assert os.path.isfile(tmp_path / "export" / autoencoder.LATENT_STATS)
   video = np.asarray(_video(5, batch=2) * 127 + 128).astype(np.uint8)
   outs = []

@@ -80,3 +80,32 @@ def test_two_processes_sample_like_one_and_write_each_item_once(trained_run, tmp
   lines = open(tmp_path / "mp" / "manifest.jsonl").read().splitlines()
   assert sorted(json.loads(line)["id"] for line in lines) == sorted(r["id"] for r in MIXED)
   assert not [f for f in os.listdir(tmp_path / "mp") if ".tmp-" in f]
+
+
+def test_two_processes_export_like_one_and_never_overwrite(trained_run, tmp_path):
+  """`jaxvid export` in a 2-process job: both processes read the run, process 0 writes the
+  files; the export holds the parameters a one-process export holds."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from jaxvid import cli
+  args = lambda out: ["export", "--workdir", str(trained_run), "--output", str(tmp_path / out)]
+  rc, out, other = run_local(2, 2, args("mp"), tmp_path / "logs")
+  assert rc == 0, out + other
+  assert cli.main(args("one")) == 0
+  assert sorted(os.listdir(tmp_path / "mp")) == sorted(os.listdir(tmp_path / "one")) == [
+      "config.json", "export.json", "params"]
+  assert (tmp_path / "mp" / "config.json").read_text() == (tmp_path / "one" / "config.json").read_text()
+  import jax
+  with ocp.StandardCheckpointer() as c:       # both read onto one device
+    path = lambda name: str(tmp_path / name / "params")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), c.metadata(path("one")).item_metadata)
+    mp, one = c.restore(path("mp"), target), c.restore(path("one"), target)
+  assert len(jax.tree.leaves(one)) > 10
+  for x, y in zip(jax.tree.leaves(mp), jax.tree.leaves(one), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Again to the same output: refused on every process, the export untouched.
+  before = {f: os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(tmp_path / "mp") for f in fs}
+  rc, out, other = run_local(2, 2, args("mp"), tmp_path / "logs2")
+  assert rc == 2 and "already exists; choose a new path" in out, out + other
+  assert {f: os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(tmp_path / "mp") for f in fs} == before
