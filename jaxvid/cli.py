@@ -155,10 +155,8 @@ def run(argv: list[str]) -> int | None:
     distributed.initialize(cfg, batch=cfg.train.batch_size)
     return bench.main(cfg, args.steps, args.profile, baseline, tolerance)
   elif args.command == "export":
-    if overrides:
-      raise UserError("jaxvid export takes no --config overrides")
     from jaxvid.train import export
-    cfg = export.run_config(args.workdir)
+    cfg = export.run_config(args.workdir, overrides)
     distributed.initialize(cfg)
     export.export_run(cfg, args.workdir, args.output, args.step)
 

@@ -202,6 +202,21 @@ def check_same(digest: str, differ_message: str) -> None:
     raise UserError(f"processes {differ} {differ_message}")
 
 
+# How a process joins its job: the command's own environment and overrides, never a run's record.
+PLACEMENT = ("initialize", "coordinator", "num_processes", "process_id")
+
+
+def forget_placement(cfg: ml_collections.ConfigDict) -> None:
+  """Sets distributed.{initialize, coordinator, num_processes, process_id} of a config read from
+  a run's config.json back to the defaults: they record how the training processes joined their
+  job (process 0's: process_id=0), while `jaxvid sample` or `export` joins its own, from its
+  environment and its own --config.distributed.* overrides."""
+  defaults = config_lib.base_config().distributed
+  with cfg.unlocked():
+    for key in PLACEMENT:
+      cfg.distributed[key] = defaults[key]
+
+
 def _without_placement(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   cfg = config_lib.from_json(config_lib.to_json(cfg))
   with cfg.unlocked():

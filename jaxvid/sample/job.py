@@ -59,6 +59,7 @@ def load_run_config(workdir: str, overrides: list[str]) -> ml_collections.Config
     raise UserError(f"{path} not found; --workdir must be a run directory (jaxvid train) or an export (jaxvid export)")
   with open(path) as f:
     cfg = config_lib.from_json(f.read())
+  distributed.forget_placement(cfg)
   config_lib.apply_overrides(cfg, overrides)
   return cfg
 

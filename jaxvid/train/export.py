@@ -40,7 +40,9 @@ def is_export(path: str) -> bool:
 
 def export(cfg: ml_collections.ConfigDict, params, step: int, source: str, output: str, extras=None) -> None:
   """Writes `params` (EMA, as restored from `source` at `step`) to a new folder `output`;
-  `extras(folder)`, run on every process before the folder is complete, adds files to it."""
+  `extras(folder)`, run on every process before the folder is complete, adds files to it.
+  Every process calls this; process 0 makes the folder, writes the files beside the parameters
+  and names it `output` last, and a failure on any process stops all of them."""
   tmp = output.rstrip("/") + ".partial"
   error = None
   if jax.process_index() == 0:     # one process makes the folder; the others wait for it
@@ -49,15 +51,18 @@ def export(cfg: ml_collections.ConfigDict, params, step: int, source: str, outpu
     elif os.path.exists(tmp):
       error = UserError(f"{tmp} exists (an interrupted export?); remove it or choose another --output")
     else:
-      os.makedirs(tmp)
+      try:
+        os.makedirs(tmp)
+      except OSError as e:
+        error = UserError(f"cannot create {tmp} ({e.strerror or e}); choose an --output in a folder you can write")
   distributed.fail_together(error)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.abspath(os.path.join(tmp, "params")), params)
-  if extras is not None:
-    extras(tmp)
   error = None
-  if jax.process_index() == 0:
-    try:
+  try:
+    if extras is not None:
+      extras(tmp)
+    if jax.process_index() == 0:
       with open(os.path.join(tmp, "config.json"), "w") as f:
         f.write(config_lib.to_json(cfg))
       if os.path.isfile(os.path.join(source, autoencoder.RECORD)):   # the VAE it needs, checked at sampling
@@ -65,8 +70,11 @@ def export(cfg: ml_collections.ConfigDict, params, step: int, source: str, outpu
       with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
         json.dump({"step": step, "model_hash": config_lib.model_hash(cfg), "source": os.path.abspath(source)}, f)
       os.replace(tmp, output)
-    except OSError as e:
-      error = e
+  except OSError as e:
+    error = UserError(f"cannot write the export in {tmp} ({e.strerror or e}); free space or fix its permissions, "
+                      "then remove it and rerun")
+  except Exception as e:  # noqa: BLE001 -- raised below, after telling the other processes
+    error = e
   distributed.fail_together(error)   # every process ends once the export is complete
 
 
@@ -109,15 +117,23 @@ def load_params(path: str, cfg: ml_collections.ConfigDict, abstract_params, step
     checkpointer.close()
 
 
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config of the run `jaxvid export` reads (UserError if `workdir` is not a run)."""
+def run_config(workdir: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """The config of the run `jaxvid export` reads (UserError if `workdir` is not a run), with
+  `overrides` of distributed.* only: how this command joins a multi-process job."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise UserError(f"{path} not found; --workdir must be a directory written by `jaxvid train`")
   if is_export(workdir):
     raise UserError(f"{workdir} is already an export")
+  other = [o for o in overrides if not o.startswith("--config.distributed.")]
+  if other:
+    raise UserError(f"jaxvid export takes the run's config as it is; {other[0].split('=')[0]} cannot be set "
+                    "(only --config.distributed.*, how the export joins a multi-process job)")
   with open(path) as f:
-    return config_lib.from_json(f.read())
+    cfg = config_lib.from_json(f.read())
+  distributed.forget_placement(cfg)
+  config_lib.apply_overrides(cfg, list(overrides))
+  return cfg
 
 
 def export_run(cfg: ml_collections.ConfigDict, workdir: str, output: str, step: int | None = None) -> None:

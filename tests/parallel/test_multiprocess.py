@@ -109,3 +109,9 @@ def test_two_processes_export_like_one_and_never_overwrite(trained_run, tmp_path
   rc, out, other = run_local(2, 2, args("mp"), tmp_path / "logs2")
   assert rc == 2 and "already exists; choose a new path" in out, out + other
   assert {f: os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(tmp_path / "mp") for f in fs} == before
+  # A folder left by an interrupted export: process 0 refuses, and process 1 stops with it.
+  os.makedirs(tmp_path / "again.partial")
+  rc, out, other = run_local(2, 2, args("again"), tmp_path / "logs3")
+  assert rc == 2 and "again.partial exists (an interrupted export?)" in out, out + other
+  assert "processes [0] stopped with an error" in other, other
+  assert os.listdir(tmp_path / "again.partial") == [] and not (tmp_path / "again").exists()

@@ -208,6 +208,18 @@ def test_bad_step_and_empty_prompt(trained_run, tmp_path, capsys):
   assert "--prompt is empty" in capsys.readouterr().err
 
 
+def test_a_runs_recorded_placement_is_not_how_sampling_joins(tmp_path, small_config):
+  # Process 0 of a 2-process training job recorded where it sat; sampling the run joins its own
+  # job (its environment and its --config.distributed.* overrides).
+  from jaxvid import config
+  with small_config.unlocked():
+    small_config.distributed.update(initialize="on", coordinator="10.0.0.1:1234", num_processes=2, process_id=0)
+  (tmp_path / "config.json").write_text(config.to_json(small_config))
+  cfg = job.load_run_config(str(tmp_path), ["--config.distributed.num_processes=4", "--config.sample.steps=2"])
+  assert (cfg.distributed.initialize, cfg.distributed.coordinator, cfg.distributed.process_id) == ("auto", "", -1)
+  assert cfg.distributed.num_processes == 4 and cfg.sample.steps == 2
+
+
 def test_editing_modes_need_a_model_that_takes_the_mask(small_config):
   cfg = small_config
   with cfg.unlocked():

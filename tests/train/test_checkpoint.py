@@ -198,10 +198,23 @@ def test_export_samples_the_same_video_as_its_run(trained_run, tmp_path, capsys)
   cfg["mesh"].update(data=2, tensor=2)
   cfg["train"]["batch_size"] = 4
   cfg["sample"]["use_ema"] = False
+  # How its process 0 joined a 2-process job is recorded too; the export joins its own (none here).
+  cfg["distributed"].update(initialize="on", coordinator="127.0.0.1:1", num_processes=2, process_id=0, timeout_s=5)
   (other / "config.json").write_text(json.dumps(cfg))
-  assert cli.main(["export", "--workdir", str(other), "--output", str(tmp_path / "export4")]) == 0
+  export = lambda out, *more: cli.main(["export", "--workdir", str(other), "--output", str(out), *more])
+  assert export(tmp_path / "export4", "--config.distributed.timeout_s=6") == 0
   exported_cfg = json.loads((tmp_path / "export4" / "config.json").read_text())
   assert exported_cfg["mesh"]["tensor"] == 2 and exported_cfg["sample"]["use_ema"] is True
+  assert exported_cfg["distributed"] == {**cfg["distributed"], "initialize": "auto", "coordinator": "",
+                                         "num_processes": 0, "process_id": -1, "timeout_s": 6}
+  # Only distributed.* can be set; an output that cannot be made is one line; nothing is left.
+  assert export(tmp_path / "e", "--config.model.width=64") == 2
+  assert "--config.model.width cannot be set (only --config.distributed.*" in capsys.readouterr().err
+  (tmp_path / "a_file").write_text("")
+  assert export(tmp_path / "a_file" / "e") == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "cannot create" in err[0] and "choose an --output in a folder you can write" in err[0], err
+  assert not (tmp_path / "e").exists()
   assert cli.main(["sample", "--workdir", str(tmp_path / "export4"), "--output", str(tmp_path / "d"), *args,
                    "--config.mesh.tensor=1", "--config.mesh.data=-1"]) == 0
   np.testing.assert_array_equal(writer.read_mp4(tmp_path / "b" / f"{name}.mp4"),
