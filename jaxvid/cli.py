@@ -21,7 +21,7 @@ USAGE = """\
 jaxvid train  --config PATH[:ARG] --workdir DIR [--config.KEY=VALUE ...]
 jaxvid sample --workdir DIR (--prompt TEXT | --prompts FILE) --output DIR [--config.KEY=VALUE ...] [--step N] [--strict]
 jaxvid encode --config PATH[:ARG] --manifest FILE --output STORE [--config.KEY=VALUE ...]
-jaxvid export --workdir DIR --output PATH [--step N]
+jaxvid export --workdir DIR --output PATH [--step N] [--config.distributed.KEY=VALUE ...]
 jaxvid bench  --config PATH[:ARG] [--steps N] [--profile DIR] [--baseline FILE [--tolerance F]] [--config.KEY=VALUE ...]"""
 
 
