@@ -86,10 +86,14 @@ def single_prompt(prompt: str, cfg: ml_collections.ConfigDict) -> list[Item]:
   """The item of `jaxvid sample --prompt TEXT` (text-to-video, id from the prompt and seed)."""
   if not prompt.strip():
     raise UserError("--prompt is empty; give the text of the video to generate")
+  name = prompt.strip().replace(" ", "_")
+  digest = f"{zlib.crc32(prompt.encode()):08x}"
   try:
-    slug = writer.sanitize_id(prompt.strip().replace(" ", "_")[:60])
+    slug = writer.sanitize_id(name[:60])
+    if slug != name:     # cut or changed: the hash keeps two such prompts apart
+      slug = f"{slug}-{digest}"
   except ValueError:   # nothing in [A-Za-z0-9._-]: name it by a hash of the prompt
-    slug = f"prompt-{zlib.crc32(prompt.encode()):08x}"
+    slug = f"prompt-{digest}"
   item_id = f"{slug}-{cfg.sample.seed}"
   return [Item(item_id, prompt, item_seed(cfg.sample.seed, item_id), cfg.sample.negative_prompt,
                frames=cfg.video.frames)]

@@ -154,6 +154,7 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
                     "--config.autoencoder.checkpoint=...)")
   config_lib.validate(cfg, jax.device_count())
   check_items(cfg, items)
+  writer.check_output(output)
   mesh = mesh_lib.make_mesh(cfg)
   rules = sharding.rules_from_config(cfg)
 

@@ -57,8 +57,8 @@ def sanitize_id(raw: str) -> str:
   stem = _UNSAFE_CHARS.sub("_", raw).lstrip("._")[:MAX_ID_LEN]
   if not stem:
     raise ValueError(
-        f"Item id {raw!r} has no usable characters; use letters, digits, '.',"
-        " '_' or '-'.")
+        f"item id {raw!r} has no usable characters; use letters, digits, '.',"
+        " '_' or '-'")
   return stem
 
 
@@ -136,11 +136,21 @@ class OutputFolder:
     """
     self.path = os.fspath(path)
     self.title = title
-    if os.path.exists(self.path) and not os.path.isdir(self.path):
-      raise UserError(f"--output {self.path} exists and is not a folder")
-    os.makedirs(self.path, exist_ok=True)
+    check_output(self.path)
+    try:
+      os.makedirs(self.path, exist_ok=True)
+    except OSError as e:
+      raise UserError(f"--output {self.path} cannot be made ({e.strerror or e}); choose a folder you can "
+                      "write") from None
     manifest = os.path.join(self.path, MANIFEST)
-    if not os.path.exists(manifest):
+    if os.path.exists(manifest):
+      foreign = _first_foreign_line(manifest)
+      if foreign:
+        raise UserError(
+            f"--output {self.path} holds a {MANIFEST} whose line {foreign} is "
+            "not a jaxvid sample record, so it is not a sample folder; choose "
+            "a new or empty folder")
+    else:
       others = [f for f in os.listdir(self.path) if not f.startswith(".")]
       if others:
         raise UserError(
@@ -263,6 +273,36 @@ class OutputFolder:
           logging.warning("Skipping unreadable line %d of %s.", number,
                           os.path.join(self.path, MANIFEST))
     return list(entries.values())
+
+
+def check_output(path: str) -> None:
+  """Raises UserError unless `path` is a folder or can be made one (cheap: run it
+  before loading a model, so that a wrong --output fails at once)."""
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      raise UserError(f"--output {path} exists and is not a folder")
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UserError(f"--output {path}: {parent} is a file, not a folder; choose another --output")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UserError(f"--output {path}: {parent} is not writable; choose another --output")
+
+
+def _first_foreign_line(manifest: str) -> int:
+  """The number of the first line of `manifest` that is JSON but not a sample
+  record ({"id", "video", "prompt", ...}); 0 if none is."""
+  with open(manifest, "rb") as f:
+    for number, line in enumerate(f, start=1):
+      try:
+        entry = json.loads(line)
+      except ValueError:   # blank, or cut short by a killed job
+        continue
+      if not (isinstance(entry, dict) and {"id", "video", "prompt"} <= set(entry)):
+        return number
+  return 0
 
 
 def _entry(item_id: str, record: dict) -> dict:

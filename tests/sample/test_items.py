@@ -67,6 +67,12 @@ def test_txt_file_and_single_prompt(cfg, tmp_path):
   assert [(it.id, it.prompt) for it in got] == [("00000", "a red circle"), ("00001", "a blue square")]
   [one] = items_lib.single_prompt("a red circle", cfg)
   assert one.id == "a_red_circle-0" and one.mode == "text-to-video"
+  # Prompts whose id had to be cut or changed carry a hash of the whole prompt: no two collide.
+  long = "a red circle moving left on a gray background while the camera slowly pans"
+  ids = [items_lib.single_prompt(p, cfg)[0].id for p in (long + " to the right", long + " to the left",
+                                                        "a/b", "a?b")]
+  assert len(set(ids)) == 4 and ids[0].startswith("a_red_circle_moving_left") and len(ids[0]) < 80, ids
+  assert all(writer.sanitize_id(i) == i for i in ids)
 
 
 PROBLEMS = [

@@ -213,6 +213,17 @@ def test_a_folder_of_other_files_is_refused(tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(UserError, match="exists and is not a folder"):
     writer.OutputFolder(tmp_path / "file")
+  with pytest.raises(UserError, match="file is a file, not a folder; choose another --output"):
+    writer.OutputFolder(tmp_path / "file" / "sub" / "out")
+  # A folder with someone else's manifest.jsonl (a training manifest, say) is not a sample folder.
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "manifest.jsonl").write_text('{"path": "c1.mp4", "caption": "a cat"}\n')
+  (data / "index.html").write_text("mine")
+  with pytest.raises(UserError, match="holds a manifest.jsonl whose line 1 is not a jaxvid sample record"):
+    writer.OutputFolder(data)
+  assert (data / "manifest.jsonl").read_text() == '{"path": "c1.mp4", "caption": "a cat"}\n'
+  assert sorted(os.listdir(data)) == ["index.html", "manifest.jsonl"]
 
 
 def test_files_are_readable_by_others(tmp_path):
