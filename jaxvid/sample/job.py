@@ -126,14 +126,21 @@ def plan_lanes(counts: list[int], lanes: int) -> list[list[tuple[int, int] | Non
 
 def make_record(cfg: ml_collections.ConfigDict, step: int):
   """Returns record(item, chunks) -> the item's ID.json and manifest line, less "id" and "video"."""
-  s, v = cfg.sample, cfg.video
-  shared = {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance,
-            "guidance_interval": list(s.guidance_interval), "checkpoint_step": step,
-            "config_hash": config_lib.config_hash(cfg), "height": v.height, "width": v.width, "fps": v.fps,
-            "context_frames": chunks_lib.context_frames(cfg), "ema": s.use_ema}
+  v = cfg.video
+  shared = {**settings(cfg, step), "config_hash": config_lib.config_hash(cfg), "height": v.height,
+            "width": v.width, "fps": v.fps}
   return lambda item, chunks: {"prompt": item.prompt, "negative_prompt": item.negative_prompt, "seed": item.seed,
                                "mode": item.mode, "inputs": dict(item.inputs), "frames": item.frames,
                                "chunks": chunks, **shared}
+
+
+def settings(cfg: ml_collections.ConfigDict, step: int) -> dict:
+  """What a video depends on besides its item (prompt, seed, mode, inputs): the checkpoint and
+  the sampler's settings, as the records give them."""
+  s = cfg.sample
+  return {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance,
+          "guidance_interval": list(s.guidance_interval), "checkpoint_step": step,
+          "context_frames": chunks_lib.context_frames(cfg), "ema": s.use_ema}
 
 
 def check_items(cfg: ml_collections.ConfigDict, items: list[Item]) -> None:
@@ -169,7 +176,7 @@ def sample(cfg: ml_collections.ConfigDict, workdir: str, items: list[Item], outp
   folder = writer.OutputFolder(output)
   done = folder.done_entries()
   todo = [it for it in items if it.id not in done]
-  _warn_changed([it for it in items if it.id in done], done)
+  _warn_changed([it for it in items if it.id in done], done, settings(cfg, step))
   distributed.check_same(hashlib.sha256("\n".join(it.id for it in todo).encode()).hexdigest(),
                          f"processes see different items to sample in {output}; give every process the same "
                          "--prompts file and an --output folder they all see")
@@ -302,15 +309,30 @@ def _take(videos: jax.Array, lanes_of_round: list, todo: list[Item], counts: lis
   return status
 
 
-def _warn_changed(done_items: list[Item], entries: dict) -> None:
-  """Warns about items kept from an earlier run whose prompt, seed, mode or inputs differ now."""
+def _warn_changed(done_items: list[Item], entries: dict, now: dict) -> None:
+  """Warns about items kept from an earlier job whose prompt, seed, mode or inputs differ now, and
+  about those made at another checkpoint or with other sampler settings (`now`, from `settings`)."""
   changed = [it.id for it in done_items
              if (entries[it.id].get("prompt"), entries[it.id].get("seed"), entries[it.id].get("mode", it.mode),
                  entries[it.id].get("inputs", dict(it.inputs))) != (it.prompt, it.seed, it.mode, dict(it.inputs))]
+  kept = "they are kept: delete their manifest lines, or use a new --output, to make them again"
   if changed:
     log.warning("%d items in the manifest were made from another prompt, seed or inputs than the file gives now "
-                "(%s%s); they are kept: delete their manifest lines, or use a new --output, to make them again",
-                len(changed), ", ".join(changed[:5]), ", ..." if len(changed) > 5 else "")
+                "(%s); %s", len(changed), _some(changed), kept)
+  other = {}   # id -> the first setting that differs, as "key: then -> now"
+  for it in done_items:
+    entry = entries[it.id]
+    for key, value in now.items():
+      if key in entry and entry[key] != value:
+        other[it.id] = f"{key} {entry[key]} -> {value}"
+        break
+  if other:
+    log.warning("%d items in the manifest were made with other settings (%s: %s); %s", len(other),
+                _some(list(other)), next(iter(other.values())), kept)
+
+
+def _some(ids: list[str]) -> str:
+  return ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
 
 
 def _row_inputs(entry, todo: list[Item], works: dict, failed: set, cfg: ml_collections.ConfigDict):

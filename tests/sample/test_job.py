@@ -157,8 +157,14 @@ def test_sample_cli_modes_write_the_folder_and_resume(trained_run, inputs, tmp_p
   assert _sample(trained_run, out, "--prompts", str(prompts)) == 0     # resume: nothing to do
   assert {f: os.stat(out / f).st_mtime_ns for f in mtimes} == mtimes
   assert len(open(out / "manifest.jsonl").read().splitlines()) == 8
-  assert "1 items in the manifest were made from another prompt, seed or inputs than the file gives now (red)" in (
-      capsys.readouterr().err)
+  err = capsys.readouterr().err
+  assert "1 items in the manifest were made from another prompt, seed or inputs than the file gives now (red)" in err
+  assert "other settings" not in err                    # the batch size does not change a video
+  # Another checkpoint (or sampler setting) into the same folder: kept, and said so.
+  assert _sample(trained_run, out, "--prompts", str(prompts), "--step", "2") == 0
+  assert "8 items in the manifest were made with other settings (" in (err := capsys.readouterr().err), err
+  assert ": checkpoint_step 4 -> 2); they are kept" in err, err
+  assert {f: os.stat(out / f).st_mtime_ns for f in mtimes} == mtimes
 
 
 def test_single_prompt_and_txt_file(trained_run, tmp_path):
