@@ -29,6 +29,9 @@ echo "local.sh: $n processes x $d CPU devices, coordinator 127.0.0.1:$port, logs
 # Other XLA flags the caller set are kept; the device count is this script's.
 xla_flags="$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g') --xla_force_host_platform_device_count=$d"
 
+# The output relays ignore Ctrl-C and SIGTERM (a terminal signals the whole process group): a
+# process that lost its stdout would fail to log, and stop without its checkpoint. They end with
+# their process's output.
 pids=()
 forward() { kill -s "$1" "${pids[@]}" 2>/dev/null; }
 trap 'forward TERM' TERM
@@ -37,7 +40,7 @@ trap 'forward INT' INT
 for ((i = 0; i < n; i++)); do
   env JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" \
     JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$n" JAX_PROCESS_ID="$i" \
-    "$@" > >(if ((i == 0)); then cat; else cat > "$logs/process_$i.log"; fi) 2>&1 &
+    "$@" > >(trap '' INT TERM; if ((i == 0)); then cat; else cat > "$logs/process_$i.log"; fi) 2>&1 &
   pids+=($!)
 done
 

@@ -115,3 +115,30 @@ def test_two_processes_export_like_one_and_never_overwrite(trained_run, tmp_path
   assert rc == 2 and "again.partial exists (an interrupted export?)" in out, out + other
   assert "processes [0] stopped with an error" in other, other
   assert os.listdir(tmp_path / "again.partial") == [] and not (tmp_path / "again").exists()
+
+
+def test_ctrl_c_to_the_whole_job_saves_a_checkpoint_and_exits_0(tmp_path):
+  """A terminal's Ctrl-C signals its whole process group: launch/local.sh, its output relays and
+  every process. The relays outlive it, so the processes save at the next step and exit 0."""
+  import signal
+  workdir = tmp_path / "run"
+  env = _env(JAXVID_LOG_DIR=str(tmp_path / "logs"))
+  proc = subprocess.Popen([os.path.join(REPO, "launch", "local.sh"), "2", "2", sys.executable, "-m", "jaxvid",
+                           "train", "--config", TINY, "--workdir", str(workdir), *SMALL, "--config.mesh.data=2",
+                           "--config.mesh.fsdp=2", "--config.train.steps=100000", "--config.train.log_every=1",
+                           "--config.checkpoint.every=100000"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+  try:
+    deadline = time.time() + 300
+    while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip():
+      assert time.time() < deadline and proc.poll() is None, "the job never logged a step"
+      time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert proc.returncode == 0 and "received SIGINT" in out, out
+  saved = os.listdir(workdir / "checkpoints")
+  assert len(saved) == 1 and int(saved[0]) > 0 and f"saved {workdir}/checkpoints/{saved[0]}" in out, out
