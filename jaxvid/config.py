@@ -286,12 +286,24 @@ def mesh_shape(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
     fixed *= 1 if s == -1 else s
   if free:
     if num_devices % fixed:
-      raise UserError(f"mesh {sizes} cannot fill {num_devices} devices: {fixed} does not divide it")
+      raise UserError(f"mesh {sizes} cannot fill {num_devices} devices: {fixed} does not divide it; "
+                      f"{_mesh_fix(sizes, num_devices)}")
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise UserError(f"mesh {sizes} has {fixed} devices but {num_devices} are present; "
-                    f"set --config.mesh.data=-1 to fill them")
+                    f"{_mesh_fix(sizes, num_devices)}")
   return sizes
+
+
+def _mesh_fix(sizes: dict[str, int], num_devices: int) -> str:
+  """The overrides that make a mesh of `num_devices`: data=-1, and the other axes 1 where
+  they do not divide the devices."""
+  others = {a: s for a, s in sizes.items() if a != "data" and s > 1}
+  product = 1
+  for s in others.values():
+    product *= s
+  flags = ["--config.mesh.data=-1"] + ([f"--config.mesh.{a}=1" for a in others] if num_devices % product else [])
+  return f"set {' '.join(flags)} to fill them"
 
 
 def validate(cfg: ConfigDict, num_devices: int, train: bool = False) -> None:

@@ -109,6 +109,8 @@ def read_prompts(path: str, cfg: ml_collections.ConfigDict, strict: bool = False
   Problems are logged and their lines skipped; with `strict` the first one stops the job
   (UserError) before any work. Raises UserError if the file is missing or nothing is usable.
   """
+  if os.path.isdir(path):
+    raise UserError(f"prompt file {path} is a folder; give a .txt or .jsonl file")
   if not os.path.isfile(path):
     raise UserError(f"prompt file {path} not found")
   ext = os.path.splitext(path)[1].lower()
@@ -121,6 +123,9 @@ def read_prompts(path: str, cfg: ml_collections.ConfigDict, strict: bool = False
       lines = f.read().splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise UserError(f"prompt file {path} cannot be read ({type(e).__name__}: {e}); give a UTF-8 text file") from None
+  if jsonl and lines and lines[0].lstrip().startswith("["):
+    raise UserError(f"prompt file {path} starts with a JSON array; write one object a line (JSON Lines), "
+                    '{"prompt": ...} on each')
   base = os.path.dirname(os.path.abspath(path))
   # An item without an id is named by its place among the non-blank lines, bad ones included,
   # so fixing a bad line does not rename the items after it (a resumed job goes by ids).

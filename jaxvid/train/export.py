@@ -124,7 +124,8 @@ def run_config(workdir: str, overrides: list[str] = ()) -> ml_collections.Config
   if not os.path.isfile(path):
     raise UserError(f"{path} not found; --workdir must be a directory written by `jaxvid train`")
   if is_export(workdir):
-    raise UserError(f"{workdir} is already an export")
+    raise UserError(f"{workdir} is already an export: sample it as it is (jaxvid sample --workdir {workdir}), "
+                    "or export the run it came from (its export.json names it)")
   other = [o for o in overrides if not o.startswith("--config.distributed.")]
   if other:
     raise UserError(f"jaxvid export takes the run's config as it is; {other[0].split('=')[0]} cannot be set "

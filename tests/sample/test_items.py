@@ -140,6 +140,11 @@ def test_nothing_usable_and_missing_file(cfg, tmp_path):
     items_lib.read_prompts(_write(tmp_path / "e.jsonl", []), cfg)
   with pytest.raises(UserError, match="prompt file .*nope.jsonl not found"):
     items_lib.read_prompts(str(tmp_path / "nope.jsonl"), cfg)
+  with pytest.raises(UserError, match="is a folder; give a .txt or .jsonl file"):
+    items_lib.read_prompts(str(tmp_path), cfg)
+  (tmp_path / "list.json").write_text('[\n  {"prompt": "a"},\n  {"prompt": "b"}\n]\n')
+  with pytest.raises(UserError, match="starts with a JSON array; write one object a line"):
+    items_lib.read_prompts(str(tmp_path / "list.json"), cfg)
 
 
 def test_the_format_goes_by_the_extension_in_any_case(cfg, tmp_path):

@@ -181,6 +181,8 @@ def test_export_samples_the_same_video_as_its_run(trained_run, tmp_path, capsys)
   exported = tmp_path / "export"
   assert cli.main(["export", "--workdir", str(trained_run), "--output", str(exported)]) == 0
   assert sorted(os.listdir(exported)) == ["config.json", "export.json", "params"]
+  assert cli.main(["export", "--workdir", str(exported), "--output", str(tmp_path / "twice")]) == 2
+  assert "is already an export: sample it as it is" in capsys.readouterr().err
   assert cli.main(["export", "--workdir", str(trained_run), "--output", str(exported)]) == 2   # never overwrites
   args = ["--prompt", "a red circle moving left", "--config.sample.seed=3"]
   assert cli.main(["sample", "--workdir", str(trained_run), "--output", str(tmp_path / "a"), *args]) == 0
