@@ -47,15 +47,16 @@ def test_a_second_ctrl_c_stops_at_once_while_the_device_is_busy(tmp_path):
   from conftest import one_device_env
   proc = subprocess.Popen([sys.executable, str(script)], env=one_device_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-  assert proc.stdout.readline() == "busy\n"
-  time.sleep(2)         # compiling or running: the main thread is in XLA either way
-  proc.send_signal(signal.SIGINT)
-  time.sleep(preemption.REPEAT_S + 0.5)
-  t = time.monotonic()
-  proc.send_signal(signal.SIGINT)
   try:
+    assert proc.stdout.readline() == "busy\n"
+    time.sleep(2)         # compiling or running: the main thread is in XLA either way
+    proc.send_signal(signal.SIGINT)
+    time.sleep(preemption.REPEAT_S + 0.5)
+    t = time.monotonic()
+    proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
   finally:
-    proc.kill()
+    proc.kill()          # it never ends by itself
+    proc.wait()
   assert proc.returncode == 130 and "interrupted (a second Ctrl-C)" in err, err
   assert time.monotonic() - t < 10
