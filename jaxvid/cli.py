@@ -124,7 +124,8 @@ def run(argv: list[str]) -> int | None:
   elif args.command == "sample":
     from jaxvid.sample import items as items_lib
     from jaxvid.sample import job
-    cfg = job.load_run_config(args.workdir, overrides)
+    from jaxvid.train import export
+    cfg = export.load_run_config(args.workdir, overrides)
     distributed.initialize(cfg, batch=cfg.sample.batch_size)
     items = (items_lib.single_prompt(args.prompt, cfg) if args.prompt is not None
              else items_lib.read_prompts(args.prompts, cfg, strict=args.strict))

@@ -11,6 +11,7 @@ import ast
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 
@@ -299,10 +300,8 @@ def _mesh_fix(sizes: dict[str, int], num_devices: int) -> str:
   """The overrides that make a mesh of `num_devices`: data=-1, and the other axes 1 where
   they do not divide the devices."""
   others = {a: s for a, s in sizes.items() if a != "data" and s > 1}
-  product = 1
-  for s in others.values():
-    product *= s
-  flags = ["--config.mesh.data=-1"] + ([f"--config.mesh.{a}=1" for a in others] if num_devices % product else [])
+  split = num_devices % math.prod(others.values())
+  flags = ["--config.mesh.data=-1"] + ([f"--config.mesh.{a}=1" for a in others] if split else [])
   return f"set {' '.join(flags)} to fill them"
 
 

@@ -53,17 +53,6 @@ GALLERY_EVERY_S = 30.0     # index.html is rewritten at most this often while th
 _WRITTEN, _FAILED, _CRASHED = 1, 2, 3   # per-row status of a round
 
 
-def load_run_config(workdir: str, overrides: list[str]) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"{path} not found; --workdir must be a run directory (jaxvid train) or an export (jaxvid export)")
-  with open(path) as f:
-    cfg = config_lib.from_json(f.read())
-  distributed.forget_placement(cfg)
-  config_lib.apply_overrides(cfg, overrides)
-  return cfg
-
-
 def make_generate(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh, rules):
   """Returns generate(params, ae_params, batch) -> uint8 videos [B, T, H, W, C].
 

@@ -117,12 +117,22 @@ def load_params(path: str, cfg: ml_collections.ConfigDict, abstract_params, step
     checkpointer.close()
 
 
-def run_config(workdir: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-  """The config of the run `jaxvid export` reads (UserError if `workdir` is not a run), with
-  `overrides` of distributed.* only: how this command joins a multi-process job."""
+def load_run_config(workdir: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """The config.json of a run directory or an export, with `overrides`. How its processes joined
+  their job is forgotten (distributed.forget_placement): a command joins its own."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise UserError(f"{path} not found; --workdir must be a directory written by `jaxvid train`")
+    raise UserError(f"{path} not found; --workdir must be a run directory (jaxvid train) or an export (jaxvid export)")
+  with open(path) as f:
+    cfg = config_lib.from_json(f.read())
+  distributed.forget_placement(cfg)
+  config_lib.apply_overrides(cfg, list(overrides))
+  return cfg
+
+
+def run_config(workdir: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """The config of the run `jaxvid export` reads (UserError if `workdir` is an export), with
+  `overrides` of distributed.* only: how this command joins a multi-process job."""
   if is_export(workdir):
     raise UserError(f"{workdir} is already an export: sample it as it is (jaxvid sample --workdir {workdir}), "
                     "or export the run it came from (its export.json names it)")
@@ -130,11 +140,7 @@ def run_config(workdir: str, overrides: list[str] = ()) -> ml_collections.Config
   if other:
     raise UserError(f"jaxvid export takes the run's config as it is; {other[0].split('=')[0]} cannot be set "
                     "(only --config.distributed.*, how the export joins a multi-process job)")
-  with open(path) as f:
-    cfg = config_lib.from_json(f.read())
-  distributed.forget_placement(cfg)
-  config_lib.apply_overrides(cfg, list(overrides))
-  return cfg
+  return load_run_config(workdir, overrides)
 
 
 def export_run(cfg: ml_collections.ConfigDict, workdir: str, output: str, step: int | None = None) -> None:

@@ -22,6 +22,7 @@ from jaxvid.parallel import sharding
 from jaxvid.sample import items as items_lib
 from jaxvid.sample import job, writer
 from jaxvid.train import checkpoint as ckpt_lib
+from jaxvid.train import export as export_lib
 from jaxvid.train import state as state_lib
 
 T, H, W = 4, 16, 16     # the SMALL config's clips
@@ -35,7 +36,7 @@ def _sample(run, out, *args):
 def generate(trained_run):
   """generate(rows) -> uint8 [B, T, H, W, 3]; a row: prompt, seed, and optionally chunk,
   strength, known [T, H, W, 3] and mask [T, H, W, 1]."""
-  cfg = job.load_run_config(str(trained_run), ["--config.sample.steps=2"])
+  cfg = export_lib.load_run_config(str(trained_run), ["--config.sample.steps=2"])
   mesh = mesh_lib.make_mesh(cfg)
   rules = sharding.rules_from_config(cfg)
   graphdef, abstract = state_lib.abstract_model(cfg)
@@ -221,7 +222,7 @@ def test_a_runs_recorded_placement_is_not_how_sampling_joins(tmp_path, small_con
   with small_config.unlocked():
     small_config.distributed.update(initialize="on", coordinator="10.0.0.1:1234", num_processes=2, process_id=0)
   (tmp_path / "config.json").write_text(config.to_json(small_config))
-  cfg = job.load_run_config(str(tmp_path), ["--config.distributed.num_processes=4", "--config.sample.steps=2"])
+  cfg = export_lib.load_run_config(str(tmp_path), ["--config.distributed.num_processes=4", "--config.sample.steps=2"])
   assert (cfg.distributed.initialize, cfg.distributed.coordinator, cfg.distributed.process_id) == ("auto", "", -1)
   assert cfg.distributed.num_processes == 4 and cfg.sample.steps == 2
 
